@@ -1,0 +1,147 @@
+"""Every CPU workaround for megatron-core, in one place.
+
+megatron-core assumes CUDA: it places buffers with `device="cuda"` or
+`torch.cuda.current_device()`, calls `torch.cuda.synchronize()`, and seeds through the CUDA RNG.
+On a machine without CUDA (CI, laptops) the same model, TP/PP layouts and pipeline schedule run
+on gloo once those calls are redirected to the CPU. Nothing here is applied when CUDA is
+available, so GPU runs use upstream megatron-core untouched.
+
+How: the modules listed in `_SHIMMED_MODULES` see a `torch` whose `cuda.current_device()` is
+the CPU device, whose factory functions map `device="cuda"` to the CPU, and whose
+`cuda.synchronize()` does nothing. Each entry names the upstream lines (megatron-core 0.19.2) it
+exists for; drop an entry when upstream stops hard-coding CUDA there. Everything else about
+`torch` is the real module.
+
+Not patched on purpose: sequence parallelism (needs Transformer Engine norms; GPU-only) and the
+CUDA RNG tracker (the CPU path seeds with `use_cpu_initialization=True` and never calls
+`model_parallel_cuda_manual_seed`, see parallel.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import torch
+
+# module -> upstream lines (megatron-core 0.19.2) that hard-code CUDA
+_SHIMMED_MODULES: dict[str, str] = {
+    "megatron.core.models.common.embeddings.rotary_pos_embedding":
+        "rotary_pos_embedding.py:162 moves inv_freq to torch.cuda.current_device()",
+    "megatron.core.utils":
+        "utils.py:715 GlobalMemoryBuffer.get_tensor allocates on cuda",
+    "megatron.core.transformer.utils":
+        "transformer/utils.py:39 get_default_causal_mask uses device='cuda'",
+    "megatron.core.pipeline_parallel.schedules":
+        "schedules.py:749,1121,2292 torch.zeros(..., device='cuda') token counters",
+    "megatron.core.pipeline_parallel.p2p_communication":
+        "p2p_communication.py:211-223,334,342 buffers on current_device; :263,:419 synchronize",
+    "megatron.core.tensor_parallel.mappings":
+        "mappings.py:95,145,152,185,447 gather buffers on current_device",
+    "megatron.core.tensor_parallel.layers":
+        "layers.py:305,647,708,718,1000,1041 weights/buffers on current_device",
+    "megatron.core.tensor_parallel.cross_entropy":
+        "cross_entropy.py vocab-parallel CE scratch tensors (defensive)",
+    "megatron.core.transformer.attention":
+        "attention.py:530,846 inference/rotary buffers on current_device",
+    "megatron.core.transformer.dot_product_attention":
+        "dot_product_attention.py:123,132 attention scores buffer on current_device",
+    "megatron.core.models.gpt.gpt_model":
+        "gpt_model.py:452 MTP / loss buffers on current_device",
+    "megatron.core.transformer.transformer_layer":
+        "transformer_layer.py:1118,1376 buffers on current_device",
+}
+
+# (module, class, method) -> upstream line: methods that call `Tensor.cuda()` directly; on CPU
+# `Tensor.cuda` is the identity for the duration of the call.
+_TENSOR_CUDA_METHODS: dict[tuple[str, str, str], str] = {
+    ("megatron.core.models.common.language_module.language_module", "LanguageModule",
+     "setup_embeddings_and_output_layer"):
+        "language_module.py:307 weight.data.cuda() when tying embeddings across PP stages",
+}
+
+_CPU = torch.device("cpu")
+_applied = False
+
+
+def _to_cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or str(device).startswith("cuda"):
+        return _CPU
+    return device
+
+
+class _CpuCuda(types.SimpleNamespace):
+    """`torch.cuda` as the shimmed modules see it: the current device is the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return _CPU
+
+    @staticmethod
+    def synchronize(*_args, **_kwargs):
+        return None
+
+
+def _wrap_factory(fn):
+    def factory(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    factory.__name__ = getattr(fn, "__name__", "factory")
+    return factory
+
+
+class _CpuTorch(types.ModuleType):
+    """`torch` as the shimmed modules see it; every attribute not overridden is the real one."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CpuCuda()
+        for name in ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand",
+                     "zeros_like", "empty_like", "ones_like"):
+            setattr(self, name, _wrap_factory(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def apply_cpu_patches() -> bool:
+    """Redirect megatron-core's hard-coded CUDA calls to the CPU. Idempotent.
+
+    Returns True when patches are in effect (no CUDA), False on a CUDA machine.
+    """
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+    shim = _CpuTorch()
+    for module_name in _SHIMMED_MODULES:
+        module = importlib.import_module(module_name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = shim
+    for (module_name, cls_name, method), _why in _TENSOR_CUDA_METHODS.items():
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        setattr(cls, method, _tensor_cuda_is_identity(getattr(cls, method)))
+    _applied = True
+    return True
+
+
+def _tensor_cuda_is_identity(fn):
+    def wrapper(*args, **kwargs):
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__wrapped__ = fn
+    return wrapper
