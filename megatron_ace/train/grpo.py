@@ -1,0 +1,374 @@
+"""`ace grpo`: strictly on-policy GRPO with vLLM rollouts on a Megatron-Core policy.
+
+One iteration, top to bottom (`GRPORun.step`):
+  sync weights -> generate n rollouts per prompt -> score -> filter (overlong, zero-variance
+  groups) -> group-normalised advantages -> trainer logprobs (+ parity vs the engine) ->
+  token-level clipped policy update -> temperature policy -> log / checkpoint.
+
+Global rank 0 hosts the rollout engine and the reward pool; the rollouts are broadcast to all
+ranks, and every rank of the model replica takes part in the weight gather of a sync.
+What it does not do (yet): run the engine on separate GPUs (see rollout/engine.py for the
+colocated and separate modes), or overlap generation of step k+1 with the update of step k
+(that would no longer be strictly on-policy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_ace.algorithms.grpo import (compute_advantages_B, overlong_filter_mask_BT,
+                                          zero_variance_filter_B)
+from megatron_ace.algorithms.temperature import build_temperature_policy
+from megatron_ace.config.base import apply_overrides, save_json, to_dict
+from megatron_ace.model.forward import forward_logprobs
+from megatron_ace.model.parallel import destroy_parallel, init_parallel
+from megatron_ace.model.weights import iter_hf_tensors
+from megatron_ace.train import grpo_batch, prompts as prompt_data
+from megatron_ace.train.grpo_config import GRPOConfig, RECIPES, recipe
+from megatron_ace.train.metrics import MetricsLogger
+from megatron_ace.train.sft import build_trainer, export_hf, resolve_dtype
+from megatron_ace.train.state import latest_checkpoint, load_training_state, save_training_state
+from megatron_ace.train.step import ModelOutput, train_step
+from megatron_ace.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class PhaseTimer:
+    """Wall time per phase of one iteration."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _broadcast(obj: Any, ps: Any) -> Any:
+    if ps.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class GRPORun:
+    """Holds the policy, the engine (rank 0), the reward pool (rank 0) and the run state."""
+
+    def __init__(self, cfg: GRPOConfig, out: Path) -> None:
+        self.cfg, self.out = cfg, out
+        self.ps = init_parallel(cfg.parallel, seed=cfg.seed)
+        self.model_cfg = cfg.model.resolve()
+        self.dtype = resolve_dtype(cfg.precision)
+        self.trainer = build_trainer(self.model_cfg, self.ps, cfg.optim, total_steps=cfg.steps,
+                                     dtype=self.dtype, hf_path=cfg.model.hf_path)
+        self.tokenizer = prompt_data.load_tokenizer(cfg.data.tokenizer or cfg.model.hf_path)
+        self.train_items = prompt_data.load_prompts(cfg.data.train_path, cfg.data, self.tokenizer)
+        self.heldout = (prompt_data.load_prompts(cfg.data.heldout_path, cfg.data, self.tokenizer)
+                        if cfg.data.heldout_path else [])
+        if cfg.eval.max_problems:
+            self.heldout = self.heldout[: cfg.eval.max_problems]
+        self.sampler = prompt_data.PromptSampler(len(self.train_items), seed=cfg.seed)
+        self.stop_ids = tuple(t for t in (self.tokenizer.convert_tokens_to_ids("<|im_end|>"),)
+                              if isinstance(t, int) and t >= 0)
+        self.temperature = build_temperature_policy(cfg.rollout.temperature)
+        self.step_index = 0
+        self.version = 0
+        self.engine = self.syncer = self.rewards = None
+        init_dir = cfg.model.hf_path
+        if not init_dir:  # the engine starts from an HF directory; every sync overwrites it
+            init_dir = str(out / "rollout_init_hf")
+            export_hf(self.trainer, init_dir, tokenizer_dir=self._tokenizer_dir())
+        if self.ps.rank == 0:
+            self._start_rollout_side(init_dir)
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _start_rollout_side(self, init_dir: str) -> None:
+        from megatron_ace.rollout.engine import DType, RolloutEngineConfig, VllmRolloutEngine
+        from megatron_ace.rollout.weight_sync import WeightSyncConfig, WeightSyncer
+
+        max_response = max(self.cfg.rollout.max_response_tokens, self.cfg.eval.max_response_tokens)
+        self.engine = VllmRolloutEngine(RolloutEngineConfig(
+            model_path=init_dir,
+            dtype=DType.FLOAT32 if self.dtype == torch.float32 else DType.BFLOAT16,
+            cpu_kvcache_space_gib=self.cfg.rollout.kv_cache_gib, seed=self.cfg.rollout.seed,
+            max_model_len=self.cfg.data.max_prompt_tokens + max_response + 8,
+            gpu_memory_utilization=self.cfg.rollout.gpu_memory_utilization))
+        self.syncer = WeightSyncer(self.engine, WeightSyncConfig(
+            bucket_bytes=self.cfg.rollout.bucket_mb << 20))
+        self.rewards = prompt_data.build_reward_pool(self.cfg.data.domain)
+
+    def _model(self):
+        chunk = self.trainer.opt.model_chunks[0]
+        return getattr(chunk, "module", chunk)
+
+    def _tokenizer_dir(self) -> str | None:
+        path = self.cfg.data.tokenizer
+        return path if path and Path(path).is_dir() else None
+
+    def close(self) -> None:
+        if self.rewards is not None:
+            self.rewards.close()
+        if self.engine is not None:
+            self.syncer.close()
+            self.engine.close()
+        destroy_parallel()
+
+    # ---- phases ---------------------------------------------------------------------------
+    def sync_weights(self) -> dict[str, float]:
+        """Every rank drives the gather; rank 0 streams the HF-named tensors into the engine."""
+        self.version += 1
+        tensors = iter_hf_tensors(self._model(), self.model_cfg, self.ps)
+        if self.ps.rank == 0:
+            return self.syncer.sync(tensors, version=self.version).to_dict(prefix="")
+        for _ in tensors:  # drive the collectives; only rank 0 receives tensors
+            pass
+        return {}
+
+    def generate(self, items: list, *, n: int, temperature: float, max_tokens: int,
+                 seed: int, iteration: int = 0) -> list[list[Any]]:
+        """n samples per prompt on rank 0, broadcast to every rank."""
+        from megatron_ace.rollout.types import SamplingConfig
+
+        groups = None
+        if self.ps.rank == 0:
+            sampling = SamplingConfig(n=n, temperature=temperature,
+                                      top_p=self.cfg.rollout.top_p if temperature > 0 else 1.0,
+                                      max_tokens=max_tokens, seed=seed, iteration=iteration,
+                                      stop_token_ids=self.stop_ids)
+            groups = self.engine.generate([it.prompt_ids for it in items], sampling)
+        return _broadcast(groups, self.ps)
+
+    def score(self, items: list, groups: list[list[Any]]) -> list[float]:
+        """Rewards of every sample, in group order (rank 0 scores, all ranks receive)."""
+        rewards = None
+        if self.ps.rank == 0:
+            pairs = [(it, s) for it, group in zip(items, groups) for s in group]
+            rewards = self.rewards.score_samples([it for it, _ in pairs], [s for _, s in pairs])
+        return _broadcast(rewards, self.ps)
+
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy on the held-out prompts with the evaluation's sampling settings."""
+        if not self.heldout:
+            return {}
+        ev = self.cfg.eval
+        groups = self.generate(self.heldout, n=ev.num_samples, temperature=ev.temperature,
+                               max_tokens=ev.max_response_tokens or self.cfg.rollout.max_response_tokens,
+                               seed=self.cfg.rollout.seed, iteration=0)
+        rewards = self.score(self.heldout, groups)
+        lengths = [len(s.response_token_ids) for g in groups for s in g]
+        return {"eval/accuracy": sum(rewards) / max(len(rewards), 1),
+                "eval/num_problems": float(len(self.heldout)),
+                "eval/response_length": sum(lengths) / max(len(lengths), 1)}
+
+    # ---- one iteration ---------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        cfg, ps, timer = self.cfg, self.ps, PhaseTimer()
+        temperature = self.temperature.temperature
+        items = [self.train_items[i] for i in self.sampler.next_indices(cfg.rollout.prompts_per_step)]
+        with timer("sync"):
+            sync_metrics = self.sync_weights()
+        with timer("generate"):
+            groups = self.generate(items, n=cfg.rollout.group_size, temperature=temperature,
+                                   max_tokens=cfg.rollout.max_response_tokens,
+                                   seed=cfg.rollout.seed, iteration=self.step_index + 1)
+        with timer("score"):
+            rewards_B = torch.tensor(self.score(items, groups), dtype=torch.float32)
+        samples = [s for g in groups for s in g]
+        batch, keep_B, adv_B = self._prepare(items, samples, rewards_B)
+        with timer("logprob"):
+            parity = self._old_logprobs(batch, samples, temperature)
+        with timer("update"):
+            update = self._update(batch, keep_B, adv_B, temperature)
+        self.temperature.update(update.pop("entropy", float("nan")))
+        self.step_index += 1
+        metrics = self._rollout_metrics(samples, rewards_B, keep_B)
+        metrics.update(update)
+        metrics.update(parity)
+        metrics.update({f"sync/{k}": float(v) for k, v in sync_metrics.items()
+                        if isinstance(v, (int, float))})
+        metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
+        metrics.update({f"temperature/{k}": v for k, v in self.temperature.metrics().items()})
+        return metrics
+
+    def _prepare(self, items, samples, rewards_B):
+        cfg = self.cfg
+        prompts = [items[i // cfg.rollout.group_size].prompt_ids for i in range(len(samples))]
+        batch = grpo_batch.build_sequences(prompts, [s.response_token_ids for s in samples],
+                                           pad_id=self.tokenizer.pad_token_id or 0)
+        prompt_len = [len(p) for p in prompts]
+        truncated_B = torch.tensor([s.status.value == "truncated" for s in samples])
+        batch["loss_mask"] = overlong_filter_mask_BT(batch["loss_mask"], truncated_B,
+                                                     enabled=cfg.grpo.overlong_filter)
+        keep_B = torch.ones(len(samples), dtype=torch.bool)
+        if cfg.grpo.drop_zero_variance_groups:
+            keep_B = zero_variance_filter_B(rewards_B, cfg.rollout.group_size)
+        adv_B = compute_advantages_B(cfg.grpo.advantage, rewards_B, cfg.rollout.group_size)
+        batch["adv"] = adv_B.float()
+        batch["prompt_len"] = torch.tensor(prompt_len)
+        return batch, keep_B, adv_B
+
+    def _old_logprobs(self, batch, samples, temperature: float) -> dict[str, float]:
+        """Logprobs of the sampled tokens under the synced policy; parity vs the engine."""
+        mbs = grpo_batch.split_micro_batches(batch, range(batch["tokens"].shape[0]),
+                                             self.cfg.grpo.micro_batch_size)
+        outs = forward_logprobs(self._model(), mbs, self.ps, vocab_size=self.model_cfg.vocab_size,
+                                temperature=max(temperature, 1e-6))
+        self._model().train()
+        old = torch.cat([o["logp"] for o in outs])[: batch["tokens"].shape[0]]
+        batch["old_logp"] = torch.nn.functional.pad(old, (0, 1))  # align with labels [B, S]
+        if not self.cfg.rollout.check_parity:
+            return {}
+        from megatron_ace.rollout.weight_sync import logprob_parity_metrics
+
+        trainer_lp, engine_lp = [], []
+        for i, sample in enumerate(samples):
+            start = int(batch["prompt_len"][i]) - 1  # position predicting the first response token
+            n = len(sample.logprobs)
+            trainer_lp.append(batch["old_logp"][i, start: start + n])
+            engine_lp.append(torch.tensor(sample.logprobs, dtype=torch.float32))
+        if not trainer_lp or not sum(t.numel() for t in trainer_lp):
+            return {}
+        return logprob_parity_metrics(torch.cat(trainer_lp), torch.cat(engine_lp),
+                                      clip_eps=self.cfg.grpo.loss.clip_low, prefix="mismatch/")
+
+    def _update(self, batch, keep_B, adv_B, temperature: float) -> dict[str, float]:
+        from megatron_ace.algorithms.grpo import split_minibatches
+
+        cfg, ps = self.cfg, self.ps
+        kept = keep_B.nonzero().flatten().tolist()
+        if not kept:
+            log.info("step %d: every group has zero reward variance; no update", self.step_index)
+            return {"update/skipped": 1.0}
+        loss_fn = grpo_batch.GRPOLoss(ps, vocab_size=self.model_cfg.vocab_size,
+                                      temperature=max(temperature, 1e-6), config=cfg.grpo.loss)
+        metrics: dict[str, float] = {}
+        for mini in split_minibatches(len(kept), cfg.grpo.num_updates):
+            rows = [kept[i] for i in mini.tolist()]
+            rows = rows[ps.dp_rank:: ps.dp_size]  # this DP rank's share
+            mbs = grpo_batch.split_micro_batches(batch, rows, cfg.grpo.micro_batch_size)
+            m = train_step(self.trainer.opt, self.trainer.sched, mbs, ps, loss_fn=loss_fn,
+                           output=ModelOutput.LOGITS)
+            metrics = {"update/loss": m.loss, "update/grad_norm": m.grad_norm, "update/lr": m.lr,
+                       "update/tokens": float(m.num_loss_tokens),
+                       "update/ratio_mean": m.extra.get("ratio_sum", float("nan")),
+                       "update/clip_fraction": m.extra.get("clipped_tokens", float("nan")),
+                       "entropy": m.extra.get("entropy_sum", float("nan"))}
+        metrics["update/max_abs_ratio_minus_1_first"] = loss_fn.max_abs_ratio_dev
+        return metrics
+
+    def _rollout_metrics(self, samples, rewards_B, keep_B) -> dict[str, float]:
+        lengths = torch.tensor([len(s.response_token_ids) for s in samples], dtype=torch.float32)
+        truncated = sum(s.status.value == "truncated" for s in samples)
+        return {"reward/mean": rewards_B.mean().item(),
+                "rollout/response_length": lengths.mean().item(),
+                "rollout/response_length_max": lengths.max().item(),
+                "rollout/truncation_rate": truncated / len(samples),
+                "filter/kept_fraction": keep_B.float().mean().item()}
+
+    # ---- state -----------------------------------------------------------------------------
+    def state_extra(self) -> dict[str, Any]:
+        return {"version": self.version, "temperature": self.temperature.state_dict()}
+
+    def save(self) -> None:
+        cfg = self.cfg
+        save_training_state(self.out / "checkpoints", step=self.step_index,
+                            model_chunks=self.trainer.opt.model_chunks, opt=self.trainer.opt,
+                            sched=self.trainer.sched, data_state=self.sampler.state_dict(),
+                            ps=self.ps, keep_last=cfg.checkpoint.keep_last,
+                            extra=self.state_extra())
+
+    def maybe_resume(self) -> None:
+        path = latest_checkpoint(self.out / "checkpoints")
+        if path is None or self.cfg.checkpoint.resume.value == "never":
+            return
+        info = load_training_state(path, model_chunks=self.trainer.opt.model_chunks,
+                                   opt=self.trainer.opt, sched=self.trainer.sched, ps=self.ps)
+        self.step_index = info.step
+        self.sampler.load_state_dict(info.data_state)
+        self.version = int(info.extra.get("version", 0))
+        self.temperature.load_state_dict(info.extra["temperature"])
+
+
+def run_grpo(cfg: GRPOConfig, out: Path) -> dict[str, Any]:
+    """Run `cfg.steps` GRPO steps into `out`; returns the summary (also on disk)."""
+    out.mkdir(parents=True, exist_ok=True)
+    run = GRPORun(cfg, out)
+    try:
+        run.maybe_resume()
+        if run.ps.rank == 0:
+            save_json(cfg, out / "config.json")
+        logger = MetricsLogger(out, cfg.logging, rank=run.ps.rank, total_steps=cfg.steps,
+                               start_step=run.step_index, run_config=to_dict(cfg))
+        summary: dict[str, Any] = {}
+        if cfg.eval.at_start and run.step_index == 0:
+            run.sync_weights()
+            summary["initial"] = run.evaluate()
+            logger.log(0, {**summary["initial"], "step": 0})
+        while run.step_index < cfg.steps:
+            metrics = run.step()
+            every = cfg.eval.every_steps
+            if every and run.step_index % every == 0 and run.step_index < cfg.steps:
+                run.sync_weights()
+                metrics.update(run.evaluate())
+            logger.log(run.step_index, metrics)
+            if cfg.checkpoint.save_interval and run.step_index % cfg.checkpoint.save_interval == 0:
+                run.save()
+        run.sync_weights()
+        summary["final"] = run.evaluate()
+        logger.log(run.step_index, {**summary["final"], "step": run.step_index})
+        if cfg.checkpoint.save_at_end and run.step_index and not (
+                cfg.checkpoint.save_interval and run.step_index % cfg.checkpoint.save_interval == 0):
+            run.save()
+        if cfg.checkpoint.export_hf:
+            export_hf(run.trainer, out / "hf", tokenizer_dir=run._tokenizer_dir())
+        logger.close()
+        if run.ps.rank == 0:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        run.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    names = "\n".join(f"  {k:<22}{h}" for k, (_, h) in RECIPES.items())
+    p = argparse.ArgumentParser(
+        prog="ace grpo", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="On-policy GRPO: vLLM rollouts, rule-based rewards, Megatron-Core updates.",
+        epilog=f"recipes:\n{names}\n\noverrides: section.field=value, e.g. "
+               "grpo.loss.clip_high=0.28 rollout.group_size=16 model.hf_path=/ckpt/hf")
+    p.add_argument("--recipe", default="grpo-tiny", help="recipe name (default grpo-tiny)")
+    p.add_argument("--out", required=True, help="run directory (config, metrics, checkpoints)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides")
+    return p
+
+
+def parse_args(argv: list[str]) -> tuple[GRPOConfig, Path]:
+    args, unknown = _parser().parse_known_args(argv)
+    out = Path(args.out).resolve()
+    cfg = apply_overrides(recipe(args.recipe), list(args.overrides) + unknown)
+    data = dataclasses.replace(cfg.data, **{
+        f: getattr(cfg.data, f).replace("{out}", str(out))
+        for f in ("train_path", "heldout_path", "tokenizer")})
+    return dataclasses.replace(cfg, data=data), out
+
+
+def main(argv: list[str]) -> int:
+    cfg, out = parse_args(argv)
+    summary = run_grpo(cfg, out)
+    for phase, values in summary.items():
+        log.info("%s: %s", phase, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+    return 0
