@@ -106,7 +106,10 @@ class GRPORun:
             dtype=DType.FLOAT32 if self.dtype == torch.float32 else DType.BFLOAT16,
             cpu_kvcache_space_gib=self.cfg.rollout.kv_cache_gib, seed=self.cfg.rollout.seed,
             max_model_len=self.cfg.data.max_prompt_tokens + max_response + 8,
-            gpu_memory_utilization=self.cfg.rollout.gpu_memory_utilization))
+            gpu_memory_utilization=self.cfg.rollout.gpu_memory_utilization,
+            # In-process vLLM would join this job's torch.distributed world; with several
+            # trainer ranks its engine core runs in a process of its own.
+            in_process=self.ps.world_size == 1))
         self.syncer = WeightSyncer(self.engine, WeightSyncConfig(
             bucket_bytes=self.cfg.rollout.bucket_mb << 20))
         self.rewards = prompt_data.build_reward_pool(self.cfg.data.domain)
