@@ -34,7 +34,9 @@ find_python() {
 PY=$(find_python)
 echo "[setup-launch] creating $VENV with $PY"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --disable-pip-version-check -q "${PACKAGES[@]}"
+# (The filter drops pip's notes about absent local index directories configured on some hosts.)
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q "${PACKAGES[@]}" \
+  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 "$VENV/bin/python" -c "import nemo_run" \
   || { echo "[setup-launch] error: nemo_run does not import in $VENV" >&2; exit 1; }
 "$VENV/bin/python" -c "import torch" 2>/dev/null \

@@ -19,8 +19,10 @@ CUDA RNG tracker (the CPU path seeds with `use_cpu_initialization=True` and neve
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import types
+from typing import Any
 
 import torch
 
@@ -145,3 +147,94 @@ def _tensor_cuda_is_identity(fn):
     wrapper.__name__ = fn.__name__
     wrapper.__wrapped__ = fn
     return wrapper
+
+
+# ---- optimizer path (optim.backend=mcore on CPU) ---------------------------------------------
+_OPTIMIZER_SHIMMED_MODULES: dict[str, str] = {
+    "megatron.core.distributed.param_and_grad_buffer":
+        "param_and_grad_buffer.py:1186 buffers on torch.cuda.current_device()",
+    "megatron.core.distributed.distributed_data_parallel":
+        "distributed_data_parallel.py stream / current_device calls",
+    "megatron.core.distributed.finalize_model_grads":
+        "finalize_model_grads.py num_tokens / norm buffers on cuda",
+    "megatron.core.optimizer.optimizer":
+        "optimizer.py found_inf / grad-norm buffers on cuda",
+    "megatron.core.optimizer.distrib_optimizer":
+        "distrib_optimizer.py shard buffers on current_device",
+    "megatron.core.optimizer.clip_grads":
+        "clip_grads.py total_norm / dummy_overflow_buf on cuda",
+}
+
+
+class _CpuStream:
+    """A no-op CUDA stream: CPU work is synchronous (param_and_grad_buffer.py:632 waits on it)."""
+
+    def wait_event(self, *_args: Any) -> None:
+        return None
+
+    def wait_stream(self, *_args: Any) -> None:
+        return None
+
+
+def _cpu_cuda_with_streams():
+    """`torch.cuda` for the shimmed modules, plus streams and the allocator as CPU no-ops."""
+
+    class CpuCudaStreams(_CpuCuda):
+        @staticmethod
+        def current_stream(*_args: Any, **_kwargs: Any) -> _CpuStream:
+            return _CpuStream()
+
+        @staticmethod
+        def stream(*_args: Any, **_kwargs: Any):
+            return contextlib.nullcontext()
+
+        @staticmethod
+        def empty_cache() -> None:
+            return None
+
+    return CpuCudaStreams()
+
+
+def _clip_grad_by_total_norm_cpu(parameters: Any, max_norm: float, total_norm: float,
+                                 use_decoupled_grad: bool = False) -> None:
+    """clip_grads.py:174 asserts `grad.type() == 'torch.cuda.FloatTensor'` and scales through
+    a CUDA multi-tensor kernel; the same scaling, on any device."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(coeff, torch.Tensor):
+        coeff = coeff.clamp_max(1.0)
+    elif coeff >= 1.0:
+        return
+    with torch.no_grad():
+        for param in parameters:
+            grad = getattr(param, attr, None)
+            if grad is not None:
+                grad.mul_(coeff)
+
+
+_optimizer_applied = False
+
+
+def apply_optimizer_cpu_patches() -> bool:
+    """The optimizer path's CUDA redirections (DDP wrapper, megatron optimizers). Idempotent.
+
+    Only needed for `optim.backend=mcore` on CPU; the default CPU optimizer (torch AdamW) needs
+    none. Returns False on a CUDA machine (nothing patched).
+    """
+    global _optimizer_applied
+    if torch.cuda.is_available():
+        return False
+    apply_cpu_patches()
+    if _optimizer_applied:
+        return True
+    shim = _CpuTorch()
+    shim.cuda = _cpu_cuda_with_streams()
+    for module_name in _OPTIMIZER_SHIMMED_MODULES:
+        module = importlib.import_module(module_name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = shim
+    # optimizer.py imports the function by name; replace it where it is called.
+    importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = \
+        _clip_grad_by_total_norm_cpu
+    _optimizer_applied = True
+    return True

@@ -63,6 +63,8 @@ class ParallelState:
     dp_group: object
     mp_group: object
     """Model-parallel group (TP x PP): the ranks that hold one replica."""
+    embedding_group: object
+    """First and last pipeline stages (tied embeddings are all-reduced over it)."""
     pg_collection: object
     """megatron-core ProcessGroupCollection handed to the model."""
     sequence_parallel: bool = False
@@ -99,13 +101,17 @@ def _free_port() -> int:
 def _init_process_group(cfg: ParallelConfig) -> None:
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # plain `python`, one process
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    timeout = timedelta(minutes=cfg.timeout_minutes)
+    if "RANK" not in os.environ:
+        # Plain `python`, one process. The address goes to init_process_group directly rather
+        # than into os.environ, so child processes (torchrun, vLLM) never inherit a stale port.
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                rank=0, world_size=1, timeout=timeout)
+        return
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=cfg.timeout_minutes))
+    dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def seed_everything(seed: int) -> None:
@@ -161,6 +167,7 @@ def init_parallel(cfg: ParallelConfig, *, seed: int = 1234) -> ParallelState:
         pp_group=mpu.get_pipeline_model_parallel_group(),
         dp_group=mpu.get_data_parallel_group(),
         mp_group=mpu.get_model_parallel_group(),
+        embedding_group=mpu.get_embedding_group(check_initialized=False),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         sequence_parallel=cfg.sequence_parallel,
         cp_size=cfg.cp,

@@ -1,0 +1,380 @@
+"""A pool of worker processes that scores items with a hard timeout per item.
+
+Reward functions (math-verify, program tests) can hang or explode on hostile model output, e.g.
+`\\boxed{9^{9^{9^{9}}}}` sends sympy into an effectively endless power evaluation. This pool runs
+`fn(item)` in separate worker processes, one item at a time per worker, and gives each item a
+wall-clock budget that starts when a worker picks it up (not when it is submitted, so a long
+queue never times items out). An item that overruns its budget has its worker killed
+(SIGKILL) and replaced; it costs that one item, never the run, and the other items keep being
+scored by the other workers meanwhile.
+
+Each worker runs `fn` in its own MAIN thread, so libraries that time themselves out with
+`signal.alarm` (math-verify does) work inside `fn`.
+
+A worker that dies before it is ready (its function cannot even be loaded) marks the pool
+broken: queued and later items fail with RuntimeError instead of waiting forever. Future
+callbacks run on the pool's dispatcher thread: keep them short.
+
+What it does not do: it does not sandbox `fn` (no resource or syscall limits: use the code
+sandbox for untrusted programs), and it does not retry a timed-out or failed item.
+
+Workers are started with the `spawn` method by default: the parent may be a trainer holding
+threads (torch, vLLM) where `fork` can deadlock. `fn` and items must therefore be picklable,
+and `fn` must be importable (a module-level function or a `functools.partial` of one).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import enum
+import itertools
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from megatron_ace.utils.logging import get_logger
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+_log = get_logger(__name__)
+
+# Seconds a stopping worker gets to leave on its own before it is killed.
+_JOIN_GRACE_S = 2.0
+
+
+class ItemTimeoutError(TimeoutError):
+    """An item ran past the pool's per-item timeout; its worker was killed and replaced."""
+
+
+class WorkerError(RuntimeError):
+    """`fn` raised in the worker, or the worker process died while scoring the item."""
+
+
+class _State(enum.Enum):
+    STARTING = "starting"  # spawned, still importing `fn`'s module
+    IDLE = "idle"
+    BUSY = "busy"
+
+
+@dataclass
+class _Task:
+    task_id: int
+    item: Any
+    future: concurrent.futures.Future
+
+
+@dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+    state: _State = _State.STARTING
+    task: _Task | None = None
+    deadline: float = float("inf")
+    spawned_at: float = field(default_factory=time.monotonic)
+
+
+def _worker_main(fn: Callable[[Any], Any], conn: multiprocessing.connection.Connection) -> None:
+    """Worker loop: receive `(task_id, item)`, reply `(task_id, ok, result_or_message)`."""
+    # Ctrl-C goes to the whole process group; the parent decides, and kills us if needed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn.send(("ready", True, os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent went away
+        if message is None:
+            return
+        task_id, item = message
+        try:
+            reply = (task_id, True, fn(item))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - math-verify's TimeoutException is a BaseException
+            reply = (task_id, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        try:
+            conn.send(reply)
+        except Exception as exc:  # noqa: BLE001 - an unpicklable result must not kill the worker
+            conn.send((task_id, False, f"result could not be sent back: {type(exc).__name__}: {exc}"))
+
+
+class RewardPool(Generic[ItemT, ResultT]):
+    """Score items with `fn` in `num_workers` processes, `timeout_s` seconds at most per item.
+
+    `submit(item)` returns a `concurrent.futures.Future` (so scoring overlaps with generation);
+    `map(items)` returns results in input order. A timed-out item resolves to
+    `on_timeout(item)` when given, else its future raises `ItemTimeoutError`; an item whose `fn`
+    raised or whose worker died resolves to `on_error(item, message)` when given, else raises
+    `WorkerError`. Use as a context manager, or call `close()`: no worker outlives the pool.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[ItemT], ResultT],
+        num_workers: int,
+        timeout_s: float,
+        *,
+        on_timeout: Callable[[ItemT], ResultT] | None = None,
+        on_error: Callable[[ItemT, str], ResultT] | None = None,
+        start_method: str = "spawn",
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"fn: expected a callable, got {fn!r}")
+        if int(num_workers) != num_workers or num_workers < 1:
+            raise ValueError(f"num_workers: must be an integer >= 1, got {num_workers!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s: must be > 0, got {timeout_s!r}")
+        if start_method not in multiprocessing.get_all_start_methods():
+            raise ValueError(f"start_method: {start_method!r} is not available here")
+        self._fn = fn
+        self._timeout_s = float(timeout_s)
+        self._on_timeout = on_timeout
+        self._on_error = on_error
+        self._ctx = multiprocessing.get_context(start_method)
+        self._lock = threading.Lock()
+        self._queue: collections.deque[_Task] = collections.deque()
+        self._ids = itertools.count()
+        self._closing = False
+        self._cancel_pending = False
+        self._broken: str | None = None
+        self._num_killed = 0
+        # A raw pipe wakes the dispatcher: one-byte os.write is atomic, so any thread may submit.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._workers: list[_Worker] = []
+        try:
+            for _ in range(int(num_workers)):
+                self._workers.append(self._spawn())
+        except Exception as exc:
+            for worker in self._workers:
+                self._stop_worker(worker, kill=True)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise TypeError(
+                f"fn: could not start a worker with {fn!r} ({type(exc).__name__}: {exc}); with the "
+                f"{start_method!r} start method fn must be picklable (a module-level function)"
+            ) from exc
+        self._thread = threading.Thread(target=self._dispatch_loop, name="reward-pool", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------------------- public API
+    @property
+    def num_killed(self) -> int:
+        """Workers killed so far because an item ran past the timeout."""
+        return self._num_killed
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers (for monitoring and tests)."""
+        return [w.process.pid for w in list(self._workers) if w.process.pid is not None]
+
+    def submit(self, item: ItemT) -> concurrent.futures.Future:
+        """Queue one item; the future resolves to `fn(item)` (or the timeout/error result)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("submit: the reward pool is closed")
+            if self._broken is not None:
+                raise RuntimeError(f"submit: the reward pool is broken: {self._broken}")
+            self._queue.append(_Task(next(self._ids), item, future))
+            self._wake()
+        return future
+
+    def map(self, items: Iterable[ItemT]) -> list[ResultT]:
+        """Score all items (in parallel) and return their results in input order."""
+        futures = [self.submit(item) for item in items]
+        return [f.result() for f in futures]
+
+    def close(self, *, cancel_pending: bool = False) -> None:
+        """Stop the workers. Queued items are still scored unless `cancel_pending`."""
+        with self._lock:
+            if self._closing and not self._thread.is_alive():
+                return
+            self._closing = True
+            self._cancel_pending = self._cancel_pending or cancel_pending
+            self._wake()
+        self._thread.join()
+
+    def __enter__(self) -> RewardPool[ItemT, ResultT]:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # On an exception (e.g. Ctrl-C) nobody will read the remaining results: drop them.
+        self.close(cancel_pending=exc_type is not None)
+
+    # ----------------------------------------------------------------------------- internals
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or the dispatcher is gone
+
+    def _spawn(self) -> _Worker:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=_worker_main, args=(self._fn, child_conn), name="reward-worker", daemon=True
+        )
+        process.start()
+        child_conn.close()  # so the parent sees EOF when the worker dies
+        return _Worker(process=process, conn=parent_conn)
+
+    def _stop_worker(self, worker: _Worker, *, kill: bool) -> None:
+        if kill:
+            worker.process.kill()
+        worker.process.join(_JOIN_GRACE_S)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
+
+    def _resolve_timeout(self, task: _Task) -> None:
+        if self._on_timeout is not None:
+            task.future.set_result(self._on_timeout(task.item))
+        else:
+            task.future.set_exception(
+                ItemTimeoutError(f"item {task.task_id} ran past the {self._timeout_s:g} s timeout")
+            )
+
+    def _resolve_error(self, task: _Task, message: str) -> None:
+        if self._on_error is not None:
+            task.future.set_result(self._on_error(task.item, message))
+        else:
+            task.future.set_exception(WorkerError(message))
+
+    def _dispatch_loop(self) -> None:
+        try:
+            while self._step():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - never leave callers waiting forever
+            _log.error("reward pool dispatcher failed: %s", exc, exc_info=True)
+            self._broken = f"dispatcher failed: {exc}"
+        finally:
+            self._shutdown_workers()
+
+    def _step(self) -> bool:
+        """One round of the dispatcher: assign, wait for replies or deadlines. False = stop."""
+        with self._lock:
+            closing, cancel = self._closing, self._cancel_pending
+            if cancel or self._broken is not None:
+                self._fail_queued()
+        busy = any(w.state is _State.BUSY for w in self._workers)
+        if closing and not self._queue and not busy:
+            return False
+        self._assign()
+        now = time.monotonic()
+        deadlines = [w.deadline for w in self._workers if w.state is _State.BUSY]
+        wait_s = max(0.0, min(deadlines) - now) if deadlines else None
+        conns = [self._wake_r] + [w.conn for w in self._workers]
+        for conn in multiprocessing.connection.wait(conns, timeout=wait_s):
+            if conn == self._wake_r:
+                os.read(self._wake_r, 4096)
+            else:
+                self._on_message(next(w for w in self._workers if w.conn is conn))
+        self._kill_overdue()
+        return True
+
+    def _assign(self) -> None:
+        for worker in self._workers:
+            if worker.state is not _State.IDLE:
+                continue
+            task = self._next_task()
+            if task is None:
+                return
+            worker.state, worker.task = _State.BUSY, task
+            worker.deadline = time.monotonic() + self._timeout_s
+            try:
+                worker.conn.send((task.task_id, task.item))
+            except (OSError, ValueError) as exc:
+                self._replace(worker, reason=f"could not send the item to the worker: {exc}")
+
+    def _next_task(self) -> _Task | None:
+        with self._lock:
+            while self._queue:
+                task = self._queue.popleft()
+                if task.future.set_running_or_notify_cancel():
+                    return task
+        return None
+
+    def _on_message(self, worker: _Worker) -> None:
+        try:
+            tag, ok, payload = worker.conn.recv()
+        except (EOFError, OSError):
+            worker.process.join(_JOIN_GRACE_S)  # reap it, so that its exit code is known
+            if worker.state is _State.STARTING:
+                self._broken = f"a worker exited with code {worker.process.exitcode} while starting"
+                _log.error("reward pool: %s", self._broken)
+                self._workers.remove(worker)
+                self._stop_worker(worker, kill=True)
+                if not self._workers:
+                    self._fail_queued()
+                return
+            self._replace(worker, reason=f"worker exited with code {worker.process.exitcode}")
+            return
+        if tag == "ready":
+            worker.state = _State.IDLE
+            return
+        task = worker.task
+        assert task is not None and task.task_id == tag, "reply for a task the worker does not hold"
+        worker.state, worker.task, worker.deadline = _State.IDLE, None, float("inf")
+        if ok:
+            task.future.set_result(payload)
+        else:
+            self._resolve_error(task, payload)
+
+    def _kill_overdue(self) -> None:
+        now = time.monotonic()
+        for worker in list(self._workers):
+            if worker.state is _State.BUSY and now >= worker.deadline:
+                task = worker.task
+                self._num_killed += 1
+                _log.warning(
+                    "reward pool: item %d ran past %g s; killing worker pid %s",
+                    task.task_id, self._timeout_s, worker.process.pid,
+                )
+                self._replace(worker, reason=None)
+
+    def _replace(self, worker: _Worker, *, reason: str | None) -> None:
+        """Kill `worker`, resolve its item (timeout if `reason` is None) and start a new one."""
+        task = worker.task
+        self._stop_worker(worker, kill=True)
+        self._workers[self._workers.index(worker)] = self._spawn()
+        if task is not None:
+            if reason is None:
+                self._resolve_timeout(task)
+            else:
+                self._resolve_error(task, reason)
+
+    def _fail_queued(self) -> None:
+        """Cancel queued items (close with cancel_pending) or fail them (pool broken)."""
+        while self._queue:
+            task = self._queue.popleft()
+            if self._broken is not None and task.future.set_running_or_notify_cancel():
+                task.future.set_exception(RuntimeError(f"reward pool is broken: {self._broken}"))
+            else:
+                task.future.cancel()
+
+    def _shutdown_workers(self) -> None:
+        for worker in self._workers:
+            if worker.task is not None and not worker.task.future.done():
+                worker.task.future.set_exception(RuntimeError("reward pool shut down mid-item"))
+            try:
+                worker.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for worker in self._workers:
+            self._stop_worker(worker, kill=False)
+        self._workers = []
+        with self._lock:
+            self._fail_queued()
+        with self._lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
