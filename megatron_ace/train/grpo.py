@@ -5,7 +5,14 @@ One iteration, top to bottom (`GRPORun.step`):
   groups) -> group-normalised advantages -> trainer logprobs (+ parity vs the engine) ->
   token-level clipped policy update -> temperature policy -> log / checkpoint.
 
-Global rank 0 hosts the rollout engine and the reward pool; the rollouts are broadcast to all
+The temperature policy is fed, every step, the temperature-adjusted entropy of all response
+tokens of the step's rollouts (trainer-side, at the sampling temperature, before any filter);
+metrics carry `temperature/used` (this step's), `temperature/temperature` (the next step's),
+the target and the measurement. `GRPORun.reconfigure` switches prompts, reward, sampling and
+loss on the same policy, optimizer and engine (one curriculum stage after another, see
+`curriculum.py`).
+
+Global rank 0 hosts the rollout engine and the reward pools; the rollouts are broadcast to all
 ranks, and every rank of the model replica takes part in the weight gather of a sync.
 What it does not do (yet): run the engine on separate GPUs (see rollout/engine.py for the
 colocated and separate modes), or overlap generation of step k+1 with the update of step k
@@ -17,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,18 +32,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_ace.algorithms.grpo import (compute_advantages_B, overlong_filter_mask_BT,
-                                          zero_variance_filter_B)
+from megatron_ace.algorithms.grpo import (
+    compute_advantages_B,
+    overlong_filter_mask_BT,
+    zero_variance_filter_B,
+)
 from megatron_ace.algorithms.temperature import build_temperature_policy
 from megatron_ace.config.base import apply_overrides, save_json, to_dict
 from megatron_ace.model.forward import forward_logprobs
 from megatron_ace.model.parallel import destroy_parallel, init_parallel
 from megatron_ace.model.weights import iter_hf_tensors
-from megatron_ace.train import grpo_batch, prompts as prompt_data
-from megatron_ace.train.grpo_config import GRPOConfig, RECIPES, recipe
+from megatron_ace.train import grpo_batch
+from megatron_ace.train import prompts as prompt_data
+from megatron_ace.train.grpo_config import RECIPES, GRPOConfig, recipe
 from megatron_ace.train.metrics import MetricsLogger
 from megatron_ace.train.sft import build_trainer, export_hf, resolve_dtype
-from megatron_ace.train.state import latest_checkpoint, load_training_state, save_training_state
+from megatron_ace.train.state import (
+    latest_checkpoint,
+    load_training_state,
+    save_training_state,
+)
 from megatron_ace.train.step import ModelOutput, train_step
 from megatron_ace.utils.logging import get_logger
 
@@ -68,12 +82,17 @@ def _broadcast(obj: Any, ps: Any) -> Any:
 class GRPORun:
     """Holds the policy, the engine (rank 0), the reward pool (rank 0) and the run state."""
 
-    def __init__(self, cfg: GRPOConfig, out: Path) -> None:
+    def __init__(self, cfg: GRPOConfig, out: Path, *, max_response_tokens: int = 0,
+                 total_steps: int = 0) -> None:
+        """`max_response_tokens` / `total_steps`: sizes of the engine and the lr schedule when
+        several configs run on this policy in turn (a curriculum); 0 = this config's."""
         self.cfg, self.out = cfg, out
+        self.max_response_tokens = max_response_tokens or cfg.rollout.max_response_tokens
         self.ps = init_parallel(cfg.parallel, seed=cfg.seed)
         self.model_cfg = cfg.model.resolve()
         self.dtype = resolve_dtype(cfg.precision)
-        self.trainer = build_trainer(self.model_cfg, self.ps, cfg.optim, total_steps=cfg.steps,
+        self.trainer = build_trainer(self.model_cfg, self.ps, cfg.optim,
+                                     total_steps=total_steps or cfg.steps,
                                      dtype=self.dtype, hf_path=cfg.model.hf_path)
         self.tokenizer = prompt_data.load_tokenizer(cfg.data.tokenizer or cfg.model.hf_path)
         self.train_items = prompt_data.load_prompts(cfg.data.train_path, cfg.data, self.tokenizer)
@@ -81,6 +100,8 @@ class GRPORun:
                         if cfg.data.heldout_path else [])
         if cfg.eval.max_problems:
             self.heldout = self.heldout[: cfg.eval.max_problems]
+        self.heldout_domain = cfg.data.domain
+        """Reward of the held-out prompts (stays put when `reconfigure` changes the domain)."""
         self.sampler = prompt_data.PromptSampler(len(self.train_items), seed=cfg.seed)
         self.stop_ids = tuple(t for t in (self.tokenizer.convert_tokens_to_ids("<|im_end|>"),)
                               if isinstance(t, int) and t >= 0)
@@ -88,6 +109,8 @@ class GRPORun:
         self.step_index = 0
         self.version = 0
         self.engine = self.syncer = self.rewards = None
+        self._reward_pools: dict[Any, Any] = {}
+        self.last_rewards_B: torch.Tensor | None = None
         init_dir = cfg.model.hf_path
         if not init_dir:  # the engine starts from an HF directory; every sync overwrites it
             init_dir = str(out / "rollout_init_hf")
@@ -97,10 +120,14 @@ class GRPORun:
 
     # ---- set-up ---------------------------------------------------------------------------
     def _start_rollout_side(self, init_dir: str) -> None:
-        from megatron_ace.rollout.engine import DType, RolloutEngineConfig, VllmRolloutEngine
+        from megatron_ace.rollout.engine import (
+            DType,
+            RolloutEngineConfig,
+            VllmRolloutEngine,
+        )
         from megatron_ace.rollout.weight_sync import WeightSyncConfig, WeightSyncer
 
-        max_response = max(self.cfg.rollout.max_response_tokens, self.cfg.eval.max_response_tokens)
+        max_response = max(self.max_response_tokens, self.cfg.eval.max_response_tokens)
         self.engine = VllmRolloutEngine(RolloutEngineConfig(
             model_path=init_dir,
             dtype=DType.FLOAT32 if self.dtype == torch.float32 else DType.BFLOAT16,
@@ -112,7 +139,27 @@ class GRPORun:
             in_process=self.ps.world_size == 1))
         self.syncer = WeightSyncer(self.engine, WeightSyncConfig(
             bucket_bytes=self.cfg.rollout.bucket_mb << 20))
-        self.rewards = prompt_data.build_reward_pool(self.cfg.data.domain)
+        self.rewards = self._reward_pool(self.cfg.data.domain)
+
+    def _reward_pool(self, domain: Any) -> Any:
+        if domain not in self._reward_pools:  # one pool per domain, kept until close()
+            self._reward_pools[domain] = prompt_data.build_reward_pool(domain)
+        return self._reward_pools[domain]
+
+    def reconfigure(self, cfg: GRPOConfig) -> None:
+        """Switch to another config on the same policy, engine and optimizer (a new curriculum
+        stage): prompts, reward domain, sampling, loss and temperature policy follow `cfg`;
+        the model, parallel layout and engine must be the same."""
+        if cfg.rollout.max_response_tokens > self.max_response_tokens:
+            raise ValueError(f"rollout.max_response_tokens {cfg.rollout.max_response_tokens} "
+                             f"exceeds the engine's budget {self.max_response_tokens}")
+        if (cfg.data.train_path, cfg.data.domain) != (self.cfg.data.train_path, self.cfg.data.domain):
+            self.train_items = prompt_data.load_prompts(cfg.data.train_path, cfg.data, self.tokenizer)
+        self.cfg = cfg
+        self.sampler = prompt_data.PromptSampler(len(self.train_items), seed=cfg.seed)
+        self.temperature = build_temperature_policy(cfg.rollout.temperature)
+        if self.ps.rank == 0:
+            self.rewards = self._reward_pool(cfg.data.domain)
 
     def _model(self):
         chunk = self.trainer.opt.model_chunks[0]
@@ -123,8 +170,8 @@ class GRPORun:
         return path if path and Path(path).is_dir() else None
 
     def close(self) -> None:
-        if self.rewards is not None:
-            self.rewards.close()
+        for pool in self._reward_pools.values():
+            pool.close()
         if self.engine is not None:
             self.syncer.close()
             self.engine.close()
@@ -155,12 +202,14 @@ class GRPORun:
             groups = self.engine.generate([it.prompt_ids for it in items], sampling)
         return _broadcast(groups, self.ps)
 
-    def score(self, items: list, groups: list[list[Any]]) -> list[float]:
-        """Rewards of every sample, in group order (rank 0 scores, all ranks receive)."""
+    def score(self, items: list, groups: list[list[Any]], domain: Any = None) -> list[float]:
+        """Rewards of every sample, in group order (rank 0 scores, all ranks receive);
+        `domain` picks another reward than the current config's."""
         rewards = None
         if self.ps.rank == 0:
             pairs = [(it, s) for it, group in zip(items, groups) for s in group]
-            rewards = self.rewards.score_samples([it for it, _ in pairs], [s for _, s in pairs])
+            pool = self.rewards if domain is None else self._reward_pool(domain)
+            rewards = pool.score_samples([it for it, _ in pairs], [s for _, s in pairs])
         return _broadcast(rewards, self.ps)
 
     def evaluate(self) -> dict[str, float]:
@@ -171,17 +220,20 @@ class GRPORun:
         groups = self.generate(self.heldout, n=ev.num_samples, temperature=ev.temperature,
                                max_tokens=ev.max_response_tokens or self.cfg.rollout.max_response_tokens,
                                seed=self.cfg.rollout.seed, iteration=0)
-        rewards = self.score(self.heldout, groups)
+        rewards = self.score(self.heldout, groups, domain=self.heldout_domain)
         lengths = [len(s.response_token_ids) for g in groups for s in g]
         return {"eval/accuracy": sum(rewards) / max(len(rewards), 1),
                 "eval/num_problems": float(len(self.heldout)),
                 "eval/response_length": sum(lengths) / max(len(lengths), 1)}
 
     # ---- one iteration ---------------------------------------------------------------------
-    def step(self) -> dict[str, float]:
-        cfg, ps, timer = self.cfg, self.ps, PhaseTimer()
+    def step(self, items: list | None = None) -> dict[str, float]:
+        """One RL iteration on `items` (default: the sampler's next prompts)."""
+        cfg, timer = self.cfg, PhaseTimer()
         temperature = self.temperature.temperature
-        items = [self.train_items[i] for i in self.sampler.next_indices(cfg.rollout.prompts_per_step)]
+        if items is None:
+            items = [self.train_items[i]
+                     for i in self.sampler.next_indices(cfg.rollout.prompts_per_step)]
         with timer("sync"):
             sync_metrics = self.sync_weights()
         with timer("generate"):
@@ -190,13 +242,16 @@ class GRPORun:
                                    seed=cfg.rollout.seed, iteration=self.step_index + 1)
         with timer("score"):
             rewards_B = torch.tensor(self.score(items, groups), dtype=torch.float32)
+        self.last_rewards_B = rewards_B
         samples = [s for g in groups for s in g]
         batch, keep_B, adv_B = self._prepare(items, samples, rewards_B)
         with timer("logprob"):
             parity = self._old_logprobs(batch, samples, temperature)
         with timer("update"):
             update = self._update(batch, keep_B, adv_B, temperature)
-        self.temperature.update(update.pop("entropy", float("nan")))
+        # The controller sees the temperature-adjusted entropy of every rollout token of this
+        # step (measured before filtering), and picks the next step's temperature.
+        self.temperature.update(parity.pop("rollout/entropy", float("nan")))
         self.step_index += 1
         metrics = self._rollout_metrics(samples, rewards_B, keep_B)
         metrics.update(update)
@@ -205,6 +260,8 @@ class GRPORun:
                         if isinstance(v, (int, float))})
         metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
         metrics.update({f"temperature/{k}": v for k, v in self.temperature.metrics().items()})
+        metrics["temperature/used"] = temperature  # "temperature/temperature" is the next step's
+        metrics["entropy"] = metrics.get("temperature/entropy_measured", float("nan"))
         return metrics
 
     def _prepare(self, items, samples, rewards_B):
@@ -214,6 +271,7 @@ class GRPORun:
                                            pad_id=self.tokenizer.pad_token_id or 0)
         prompt_len = [len(p) for p in prompts]
         truncated_B = torch.tensor([s.status.value == "truncated" for s in samples])
+        batch["response_mask"] = batch["loss_mask"].clone()  # before any filter
         batch["loss_mask"] = overlong_filter_mask_BT(batch["loss_mask"], truncated_B,
                                                      enabled=cfg.grpo.overlong_filter)
         keep_B = torch.ones(len(samples), dtype=torch.bool)
@@ -229,12 +287,19 @@ class GRPORun:
         mbs = grpo_batch.split_micro_batches(batch, range(batch["tokens"].shape[0]),
                                              self.cfg.grpo.micro_batch_size)
         outs = forward_logprobs(self._model(), mbs, self.ps, vocab_size=self.model_cfg.vocab_size,
-                                temperature=max(temperature, 1e-6))
+                                temperature=max(temperature, 1e-6), with_entropy=True)
         self._model().train()
-        old = torch.cat([o["logp"] for o in outs])[: batch["tokens"].shape[0]]
+        num_seqs = batch["tokens"].shape[0]
+        old = torch.cat([o["logp"] for o in outs])[:num_seqs]
         batch["old_logp"] = torch.nn.functional.pad(old, (0, 1))  # align with labels [B, S]
+        entropy_BS = torch.nn.functional.pad(torch.cat([o["entropy"] for o in outs])[:num_seqs],
+                                             (0, 1))
+        mask_BS = batch.pop("response_mask")
+        num_tokens = mask_BS.sum().item()
+        entropy = {"rollout/entropy": (entropy_BS * mask_BS).sum().item() / num_tokens
+                   if num_tokens else float("nan")}
         if not self.cfg.rollout.check_parity:
-            return {}
+            return entropy
         from megatron_ace.rollout.weight_sync import logprob_parity_metrics
 
         trainer_lp, engine_lp = [], []
@@ -244,9 +309,10 @@ class GRPORun:
             trainer_lp.append(batch["old_logp"][i, start: start + n])
             engine_lp.append(torch.tensor(sample.logprobs, dtype=torch.float32))
         if not trainer_lp or not sum(t.numel() for t in trainer_lp):
-            return {}
-        return logprob_parity_metrics(torch.cat(trainer_lp), torch.cat(engine_lp),
-                                      clip_eps=self.cfg.grpo.loss.clip_low, prefix="mismatch/")
+            return entropy
+        return {**entropy, **logprob_parity_metrics(torch.cat(trainer_lp), torch.cat(engine_lp),
+                                                    clip_eps=self.cfg.grpo.loss.clip_low,
+                                                    prefix="mismatch/")}
 
     def _update(self, batch, keep_B, adv_B, temperature: float) -> dict[str, float]:
         from megatron_ace.algorithms.grpo import split_minibatches
@@ -254,7 +320,8 @@ class GRPORun:
         cfg, ps = self.cfg, self.ps
         kept = keep_B.nonzero().flatten().tolist()
         if not kept:
-            log.info("step %d: every group has zero reward variance; no update", self.step_index)
+            log.info("step %d: every group has zero reward variance; no update",
+                     self.step_index + 1)
             return {"update/skipped": 1.0}
         loss_fn = grpo_batch.GRPOLoss(ps, vocab_size=self.model_cfg.vocab_size,
                                       temperature=max(temperature, 1e-6), config=cfg.grpo.loss)
@@ -269,7 +336,7 @@ class GRPORun:
                        "update/tokens": float(m.num_loss_tokens),
                        "update/ratio_mean": m.extra.get("ratio_sum", float("nan")),
                        "update/clip_fraction": m.extra.get("clipped_tokens", float("nan")),
-                       "entropy": m.extra.get("entropy_sum", float("nan"))}
+                       "update/entropy": m.extra.get("entropy_sum", float("nan"))}
         metrics["update/max_abs_ratio_minus_1_first"] = loss_fn.max_abs_ratio_dev
         return metrics
 
