@@ -148,6 +148,13 @@ def hf_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def full_shape(rule: Rule, layer: int | None, cfg: Qwen2Config, padded_vocab: int) -> tuple:
+    """Shape of the full (un-sharded) Megatron tensor of one rule (vocabulary rows padded)."""
+    shapes = hf_shapes(cfg)
+    parts = [shapes[n] for n in expand(rule, layer)[1]]
+    return (padded_vocab if rule.vocab else sum(p[0] for p in parts), *parts[0][1:])
+
+
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     """Megatron pads the vocabulary so every TP rank holds the same number of rows."""
     multiple = divisible_by * tp

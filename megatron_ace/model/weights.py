@@ -27,17 +27,6 @@ def _params(model) -> dict[str, torch.nn.Parameter]:
     return dict(model.named_parameters())
 
 
-def full_shape(rule: M.Rule, layer: int | None, cfg: Qwen2Config, padded_vocab: int) -> tuple:
-    """Shape of the full (un-sharded) Megatron tensor of one rule."""
-    shapes = M.hf_shapes(cfg)
-    _, hf_names = M.expand(rule, layer)
-    parts = [shapes[n] for n in hf_names]
-    rows = sum(p[0] for p in parts)
-    if rule.vocab:
-        rows = padded_vocab
-    return (rows, *parts[0][1:])
-
-
 def load_hf_into_model(model, get_hf: Callable[[str], torch.Tensor], cfg: Qwen2Config,
                        ps: ParallelState) -> None:
     """Copy full HF tensors into this rank's shard of `model`; every parameter must be set."""
@@ -107,7 +96,7 @@ def iter_full_tensors(model, cfg: Qwen2Config, ps: ParallelState
                 dist.send(full.contiguous(), dst=ps.pp_global_rank(0), group=ps.pp_group)
                 full = None
             else:
-                full = torch.empty(full_shape(rule, layer, cfg, padded),
+                full = torch.empty(M.full_shape(rule, layer, cfg, padded),
                                    dtype=next(iter(params.values())).dtype, device=ps.device)
                 dist.recv(full, src=ps.pp_global_rank(owner), group=ps.pp_group)
         yield rule, layer, (full if receiver else None)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import torch
 

@@ -54,7 +54,7 @@ from megatron_ace.train.curriculum_state import (
     fingerprint_mismatch,
 )
 from megatron_ace.train.grpo import GRPORun
-from megatron_ace.train.metrics import MetricsLogger
+from megatron_ace.train.metrics import RL_HEADLINE, MetricsLogger
 from megatron_ace.train.sft import export_hf
 from megatron_ace.train.state import (
     META_FILE,
@@ -274,7 +274,8 @@ class CurriculumRunner:
         resumed = self.resume()
         self.logger = MetricsLogger(self.out, self.cfg.base.logging, rank=self.run.ps.rank,
                                     total_steps=self.cfg.max_total_steps,
-                                    start_step=self.run.step_index, run_config=to_dict(self.cfg))
+                                    start_step=self.run.step_index, run_config=to_dict(self.cfg),
+                                    headline=RL_HEADLINE + ("stage",))
         if not resumed:
             self._start_stage(0, None)
             if self.cfg.base.eval.at_start and self.run.heldout:

@@ -45,7 +45,7 @@ from megatron_ace.model.weights import iter_hf_tensors
 from megatron_ace.train import grpo_batch
 from megatron_ace.train import prompts as prompt_data
 from megatron_ace.train.grpo_config import RECIPES, GRPOConfig, recipe
-from megatron_ace.train.metrics import MetricsLogger
+from megatron_ace.train.metrics import RL_HEADLINE, MetricsLogger
 from megatron_ace.train.sft import build_trainer, export_hf, resolve_dtype
 from megatron_ace.train.state import (
     latest_checkpoint,
@@ -382,7 +382,8 @@ def run_grpo(cfg: GRPOConfig, out: Path) -> dict[str, Any]:
         if run.ps.rank == 0:
             save_json(cfg, out / "config.json")
         logger = MetricsLogger(out, cfg.logging, rank=run.ps.rank, total_steps=cfg.steps,
-                               start_step=run.step_index, run_config=to_dict(cfg))
+                               start_step=run.step_index, run_config=to_dict(cfg),
+                               headline=RL_HEADLINE)
         summary: dict[str, Any] = {}
         if cfg.eval.at_start and run.step_index == 0:
             run.sync_weights()

@@ -12,7 +12,6 @@ What it does not do: reduce metrics across ranks (the training step already did)
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,10 @@ from megatron_ace.utils.logging import get_logger
 logger = get_logger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+SFT_HEADLINE = ("loss", "lr", "grad_norm", "tokens_per_s")
+"""Keys shown on the progress bar / log line (all keys always go to JSONL and TensorBoard)."""
+RL_HEADLINE = ("reward/mean", "eval/accuracy", "rollout/response_length", "entropy",
+               "temperature/used", "update/loss", "mismatch/logp_abs_diff_max")
 
 
 def read_metrics(path: str | Path) -> dict[int, dict[str, Any]]:
@@ -39,8 +42,10 @@ class MetricsLogger:
     """Rank-0 sink for per-step scalars."""
 
     def __init__(self, out_dir: str | Path, cfg: LoggingConfig, *, rank: int, total_steps: int,
-                 start_step: int = 0, run_config: dict[str, Any] | None = None) -> None:
+                 start_step: int = 0, run_config: dict[str, Any] | None = None,
+                 headline: tuple[str, ...] = SFT_HEADLINE) -> None:
         self.cfg = cfg
+        self.headline = headline
         self.enabled = rank == 0
         self.out_dir = Path(out_dir)
         self._file = None
@@ -87,15 +92,13 @@ class MetricsLogger:
                 self._tb.add_scalar(f"train/{name}", value, step)
         if self._wandb is not None:
             self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+        shown = {key: record[key] for key in self.headline if isinstance(record.get(key), (int, float))}
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(loss=f"{record.get('loss', math.nan):.4f}",
-                                  tok_s=f"{record.get('tokens_per_s', 0):.0f}",
-                                  lr=f"{record.get('lr', 0):.2e}", refresh=False)
+            self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in shown.items()},
+                                  refresh=False)
         elif step % self.cfg.log_interval == 0:
-            logger.info("step %d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f", step,
-                        record.get("loss", math.nan), record.get("lr", 0.0),
-                        record.get("grad_norm", math.nan), record.get("tokens_per_s", 0.0))
+            logger.info("step %d %s", step, " ".join(f"{k} {v:.4g}" for k, v in shown.items()))
 
     def close(self) -> None:
         if self._bar is not None:
