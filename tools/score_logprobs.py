@@ -62,38 +62,9 @@ def score_hf(hf_dir: str, seqs: list[list[int]]) -> list[list[float]]:
     return out
 
 
-def _load(model, mcore_dir: str, cfg, ps) -> None:
-    from megatron_ace.checkpoint import mcore_format as F
-    from megatron_ace.checkpoint.convert import McoreSource
-    from megatron_ace.model import mapping as M
-    from megatron_ace.model.weights import load_hf_into_model
-
-    meta = F.read_meta(mcore_dir)
-    if (meta.tp, meta.pp, meta.spec) == (ps.tp_size, ps.pp_size, model.ace_spec):
-        state = F.load_rank_state(mcore_dir, ps.tp_rank, ps.pp_rank)
-        F.check_keys(model, state, f"{mcore_dir} tp{ps.tp_rank} pp{ps.pp_rank}")
-        with torch.no_grad():
-            for k, v in state.items():
-                model.state_dict()[k].copy_(v)
-        return
-    source = McoreSource(mcore_dir)
-    owner = {}
-    for rule, layer in M.iter_rules(cfg, meta.spec):
-        for i, name in enumerate(M.expand(rule, layer)[1]):
-            owner[name] = (rule, layer, i)
-    cache: dict = {}
-
-    def get_hf(name: str) -> torch.Tensor:
-        rule, layer, i = owner[name]
-        if cache.get("key") != (rule.mcore, layer):
-            cache.update(key=(rule.mcore, layer), tensors=source(rule, layer))
-        return cache["tensors"][i]
-
-    load_hf_into_model(model, get_hf, cfg, ps)
-
-
 def score_mcore(args, seqs: list[list[int]]) -> list[list[float]] | None:
     from megatron_ace.checkpoint import mcore_format as F
+    from megatron_ace.checkpoint.convert import load_into_model
     from megatron_ace.model.builder import build_model
     from megatron_ace.model.forward import forward_logprobs
     from megatron_ace.model.parallel import ParallelConfig, destroy_parallel, init_parallel
@@ -102,7 +73,7 @@ def score_mcore(args, seqs: list[list[int]]) -> list[list[float]] | None:
     ps = init_parallel(ParallelConfig(tp=args.tp, pp=args.pp))
     try:
         model = build_model(meta.model, ps, dtype=getattr(torch, args.dtype))
-        _load(model, args.mcore_dir, meta.model, ps)
+        load_into_model(model, args.mcore_dir, meta.model, ps)
         length, mbs = max(len(s) for s in seqs), args.micro_batch_size
         rows = seqs + [[0]] * (-len(seqs) % mbs)
         tokens = torch.tensor([s + [0] * (length - len(s)) for s in rows])

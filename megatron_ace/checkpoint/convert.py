@@ -275,3 +275,35 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path,
         raise
     _report("mcore-to-hf", nbytes, t0)
     return out
+
+
+def load_into_model(model, mcore_dir: str | Path, cfg: Qwen2Config, ps) -> None:
+    """Fill a live model (any TP/PP) from a Megatron checkpoint (any TP/PP).
+
+    Same layout: each rank loads its own file after a strict key check. Otherwise the full
+    tensors are rebuilt from the checkpoint's shards through the mapping and re-sharded.
+    """
+    from megatron_ace.model.weights import load_hf_into_model
+
+    meta = F.read_meta(mcore_dir)
+    if (meta.tp, meta.pp, meta.spec) == (ps.tp_size, ps.pp_size, model.ace_spec):
+        state = F.load_rank_state(mcore_dir, ps.tp_rank, ps.pp_rank)
+        F.check_keys(model, state, f"{mcore_dir} tp{ps.tp_rank} pp{ps.pp_rank}")
+        with torch.no_grad():
+            for k, v in state.items():
+                model.state_dict()[k].copy_(v)
+        return
+    source = McoreSource(mcore_dir)
+    owner = {}
+    for rule, layer in M.iter_rules(cfg, meta.spec):
+        for i, name in enumerate(M.expand(rule, layer)[1]):
+            owner[name] = (rule, layer, i)
+    cache: dict = {}
+
+    def get_hf(name: str) -> torch.Tensor:
+        rule, layer, i = owner[name]
+        if cache.get("key") != (rule.mcore, layer):
+            cache.update(key=(rule.mcore, layer), tensors=source(rule, layer))
+        return cache["tensors"][i]
+
+    load_hf_into_model(model, get_hf, cfg, ps)
