@@ -21,6 +21,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models
 
+from megatron_ace.data import chat
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START_TOKEN = "<|im_start|>"
 IM_END_TOKEN = "<|im_end|>"
@@ -43,16 +45,8 @@ WORD_TOKENS: tuple[str, ...] = ("\\boxed{", "Compute", "system", "user", "assist
 VOCAB_SIZE = len(SPECIAL_TOKENS) + len(CHARACTERS) + len(WORD_TOKENS)
 """Number of token ids in use; a model's embedding table may be padded above it."""
 
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- endif %}"
-)
-"""ChatML as Qwen2.5 writes it, minus Qwen's default system prompt (too long for a tiny model)
-and minus tool calls."""
+CHATML_TEMPLATE = chat.CHATML_TEMPLATE
+"""The same ChatML template the data pipeline uses (Qwen2.5's, minus its default system prompt)."""
 
 
 def _vocab() -> dict[str, int]:
