@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("megatron_ace.train.sft", "supervised fine-tuning on Megatron-Core"),
     "grpo": ("megatron_ace.train.grpo", "on-policy GRPO with vLLM rollouts"),
     "curriculum": ("megatron_ace.train.curriculum", "stage-wise GRPO length curriculum"),
-    "eval": ("megatron_ace.eval.cli", "avg@k / pass@k evaluation with vLLM"),
+    "eval": ("megatron_ace.eval.evaluate", "avg@k / pass@k evaluation with vLLM"),
     "reward": ("megatron_ace.rewards.cli", "score responses: `ace reward math|code`"),
     "demo": ("megatron_ace.train.demo", "the embedded end-to-end demo (SFT -> GRPO) on CPU"),
 }

@@ -148,6 +148,24 @@ def bundled_qwen25_dir() -> Path:
     return target
 
 
+def _tokenizer_class(path: Path, default: Any) -> Any:
+    """The class `tokenizer_config.json` names, when transformers has it.
+
+    AutoTokenizer in transformers 5 prefers the class mapped from a sibling config.json's
+    `model_type` (qwen2 -> Qwen2Tokenizer, which rebuilds the pipeline from vocab and merges);
+    a model directory holding a non-Qwen tokenizer (the demo's character tokenizer) would then be
+    tokenized differently from its own tokenizer.json.
+    """
+    import transformers
+
+    config = path / "tokenizer_config.json"
+    if config.is_file():
+        name = json.loads(config.read_text()).get("tokenizer_class")
+        if isinstance(name, str) and hasattr(transformers, name):
+            return getattr(transformers, name)
+    return default
+
+
 def load_tokenizer(path_or_name: str | Path) -> Any:
     """A `transformers` tokenizer from a tokenizer directory or the name "qwen2.5"."""
     from transformers import AutoTokenizer  # heavy import, only when a tokenizer is needed
@@ -156,7 +174,7 @@ def load_tokenizer(path_or_name: str | Path) -> Any:
     path = bundled_qwen25_dir() if is_qwen else Path(path_or_name)
     if not is_qwen and not path.is_dir():
         raise ValueError(f"tokenizer: {path_or_name!r} is neither a directory nor {QWEN25_NAME!r}")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = _tokenizer_class(path, AutoTokenizer).from_pretrained(str(path), local_files_only=True)
     if is_qwen and (
         tokenizer.pad_token_id != QWEN25_PAD_ID or len(tokenizer) != QWEN25_LAST_ADDED_ID + 1
     ):

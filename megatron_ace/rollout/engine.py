@@ -87,6 +87,10 @@ class RolloutEngineConfig:
     instead of 35-60 s."""
     max_num_seqs: int | None = None
     """Cap on concurrently running sequences; None: vLLM's default."""
+    max_num_batched_tokens: int | None = 65536
+    """Token budget of one engine step. Large by default: when a step's prefills exceed it, vLLM
+    0.32 splits a prefill across steps, and for seeded requests its CPU runner then fails
+    ("CPU Generator does not use offset", gpu_model_runner.py:3502). None: vLLM's default."""
     restore_torch_threads: bool = False
     """In-process CPU engine only: vLLM's CPU worker (0.32) replaces `torch.set_num_threads` with
     a no-op for the whole process after binding its threads, so a trainer in the same process
@@ -230,6 +234,8 @@ class VllmRolloutEngine(RolloutEngine):
             kwargs["max_model_len"] = config.max_model_len
         if config.max_num_seqs is not None:
             kwargs["max_num_seqs"] = config.max_num_seqs
+        if config.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
         if self._cuda:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
             # Sleep mode only exists on GPU; the CPU worker ignores sleep()/wake_up().
