@@ -1,0 +1,371 @@
+"""Weight sync into a running vLLM engine: seconds per sync, GB/s, and peak extra trainer memory.
+
+For each model preset and TP size, a fresh set of processes (plain python for TP1, torchrun for
+TP > 1) builds a randomly initialised Megatron-Core model, starts a vLLM engine in its own
+process (so the trainer's RSS is the trainer's alone) from an HF directory of the same shape,
+and streams the model into it with `WeightSyncer` (gather TP shards -> HF names -> buckets ->
+engine reload), the path the GRPO loop runs every step. Per bucket size and transport it reports:
+
+- seconds per sync and GB/s (median of `--repeats`, after one warm-up sync);
+- the gather alone (TP all-gather + HF split, no engine), to split the cost;
+- the peak extra RSS of the trainer's rank 0 during a sync (VmHWM reset through
+  /proc/self/clear_refs right before, minus VmRSS before), against the bucket size;
+- baseline, measured in the same process: a plain memory copy of the same number of bytes
+  (256 MiB blocks, larger than any cache, so it streams from DRAM).
+
+    python bench/bench_weight_sync.py --out bench/out/weight_sync.json
+    python bench/bench_weight_sync.py --preset tiny --tp 1 --repeats 1 --out /tmp/ws.json
+
+Memory: the 0.5B shape is run in bfloat16 by default (about 1 GB in the trainer and again in
+the engine); float32 doubles that. The script checks MemAvailable before each case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from any directory
+    sys.path.insert(0, str(REPO))
+
+MiB = 2**20
+COPY_BLOCK_BYTES = 256 * MiB
+DEFAULT_BUCKETS_MB = {"tiny": (0.25, 1.0, 4.0), "qwen2.5-0.5b": (32.0, 128.0, 512.0)}
+DEFAULT_DTYPE = {"tiny": "float32", "qwen2.5-0.5b": "bfloat16"}
+
+
+@dataclasses.dataclass(kw_only=True)
+class Case:
+    """One (model, layout) measured in its own processes."""
+
+    preset: str
+    """Model preset name (megatron_ace.model.config.PRESETS)."""
+    tp: int
+    """Trainer tensor-parallel size (= processes)."""
+    dtype: str
+    """Trainer and engine dtype."""
+    buckets_mb: tuple[float, ...]
+    """Bucket sizes to measure."""
+    transports: tuple[str, ...]
+    """TransportKind values to measure."""
+    repeats: int
+    """Timed syncs per (bucket, transport)."""
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"Case.tp must be >= 1, got {self.tp}")
+        if self.repeats < 1:
+            raise ValueError(f"Case.repeats must be >= 1, got {self.repeats}")
+        if not self.buckets_mb or min(self.buckets_mb) <= 0:
+            raise ValueError(f"Case.buckets_mb must be positive sizes, got {self.buckets_mb}")
+
+
+# ---- memory probes (Linux /proc) ---------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def mem_available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# ---- pieces timed on rank 0 --------------------------------------------------------------------
+def memcpy_seconds(num_bytes: int, repeats: int) -> float:
+    """Best time to copy `num_bytes` with torch's memcpy, in blocks larger than any cache."""
+    import torch
+
+    block = min(num_bytes, COPY_BLOCK_BYTES)
+    src = torch.ones(block, dtype=torch.uint8)
+    dst = torch.zeros(block, dtype=torch.uint8)
+    full, rest = divmod(num_bytes, block)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass faults the pages in
+        start = time.perf_counter()
+        for _ in range(full):
+            dst.copy_(src)
+        if rest:
+            dst[:rest].copy_(src[:rest])
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def write_random_hf(out: Path, cfg, dtype) -> Path:
+    """An HF directory vLLM can start from: config, zero weights of the model's shape, tokenizer.
+
+    Zeros, not the trainer's weights: the sync has to move every byte for real.
+    """
+    import torch
+
+    from megatron_ace.checkpoint.safetensors_stream import StreamingWriter, TensorEntry
+    from megatron_ace.data.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_ace.model.mapping import hf_shapes
+
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = hf_shapes(cfg)
+    entries = [TensorEntry(name=n, shape=s, dtype=dtype) for n, s in shapes.items()]
+    with StreamingWriter(out / "model.safetensors", entries, {"format": "pt"}) as writer:
+        for name, shape in shapes.items():
+            writer.write(name, torch.zeros(shape, dtype=dtype))
+    hf = cfg.to_hf_config()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    build_tiny_tokenizer(out)
+    return out
+
+
+# ---- the worker: one case, every rank ----------------------------------------------------------
+def _drive(iterator) -> None:
+    for _ in iterator:
+        pass
+
+
+def _timed_sync(syncer, model, cfg, ps, version: int) -> tuple[float, dict | None, int]:
+    """One sync on every rank; rank 0 returns (seconds, metrics, peak extra RSS bytes)."""
+    import gc
+
+    import torch.distributed as dist
+
+    from megatron_ace.model.weights import iter_hf_tensors
+
+    gc.collect()
+    dist.barrier()
+    rss_before = _status_kib("VmRSS")
+    reset_peak_rss()
+    start = time.perf_counter()
+    tensors = iter_hf_tensors(model, cfg, ps)
+    metrics = syncer.sync(tensors, version=version).to_dict(prefix="") if ps.rank == 0 \
+        else _drive(tensors)
+    seconds = time.perf_counter() - start
+    peak_extra = (_status_kib("VmHWM") - rss_before) * 1024
+    return seconds, metrics, peak_extra
+
+
+def _gather_seconds(model, cfg, ps, repeats: int) -> float:
+    import torch.distributed as dist
+
+    from megatron_ace.model.weights import iter_hf_tensors
+
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        _drive(iter_hf_tensors(model, cfg, ps))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _start_engine(cfg, dtype_name: str, tmp: Path):
+    import torch
+
+    from megatron_ace.rollout.engine import DType, RolloutEngineConfig, VllmRolloutEngine
+
+    hf_dir = write_random_hf(tmp / "hf", cfg, getattr(torch, dtype_name))
+    start = time.perf_counter()
+    engine = VllmRolloutEngine(RolloutEngineConfig(
+        model_path=str(hf_dir), dtype=DType(dtype_name), cpu_kvcache_space_gib=1,
+        max_model_len=64, in_process=False, max_num_seqs=4))
+    return engine, time.perf_counter() - start
+
+
+def _measure_syncs(case: Case, engine, model, cfg, ps) -> list[dict]:
+    from megatron_ace.rollout.transport import TransportKind
+    from megatron_ace.rollout.weight_sync import WeightSyncConfig, WeightSyncer
+
+    rows, version = [], 0
+    for transport in case.transports:
+        for bucket_mb in case.buckets_mb:
+            syncer = None
+            if ps.rank == 0:
+                syncer = WeightSyncer(engine, WeightSyncConfig(
+                    bucket_bytes=int(bucket_mb * MiB), transport=TransportKind(transport)))
+            try:
+                runs = []
+                for _ in range(case.repeats + 1):  # the first is a warm-up
+                    version += 1
+                    runs.append(_timed_sync(syncer, model, cfg, ps, version))
+            finally:
+                if syncer is not None:
+                    syncer.close()
+            timed = runs[1:]
+            seconds = statistics.median(r[0] for r in timed)
+            metrics = timed[-1][1] or {}
+            rows.append({"transport": transport, "bucket_mb": bucket_mb, "sync_s": seconds,
+                         "first_sync_s": runs[0][0],
+                         "num_buckets": metrics.get("num_buckets"),
+                         "peak_bucket_bytes": metrics.get("peak_bucket_bytes"),
+                         "peak_extra_rss_bytes": max(r[2] for r in timed)})
+    return rows
+
+
+def run_case(case: Case) -> dict | None:
+    """Every rank runs this; rank 0 returns the case's record."""
+    import torch
+
+    from megatron_ace.model.builder import build_model
+    from megatron_ace.model.config import preset
+    from megatron_ace.model.parallel import ParallelConfig, destroy_parallel, init_parallel
+
+    cfg = preset(case.preset)
+    ps = init_parallel(ParallelConfig(tp=case.tp), seed=0)
+    engine = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="ace-bench-sync-") as tmp:
+            model = build_model(cfg, ps, dtype=getattr(torch, case.dtype))
+            model.eval()
+            start_s = None
+            if ps.rank == 0:
+                engine, start_s = _start_engine(cfg, case.dtype, Path(tmp))
+            rows = _measure_syncs(case, engine, model, cfg, ps)
+            gather_s = _gather_seconds(model, cfg, ps, case.repeats)
+        if ps.rank != 0:
+            return None
+        num_bytes = cfg.num_params() * torch.tensor([], dtype=getattr(torch, case.dtype)).element_size()
+        copy_s = memcpy_seconds(num_bytes, case.repeats)
+        for row in rows:
+            row["gb_per_s"] = num_bytes / 1e9 / row["sync_s"]
+            row["sync_over_memcpy"] = row["sync_s"] / copy_s
+            row["peak_extra_over_bucket"] = row["peak_extra_rss_bytes"] / (row["bucket_mb"] * MiB)
+        return {"preset": case.preset, "tp": case.tp, "dtype": case.dtype, "num_bytes": num_bytes,
+                "num_params": cfg.num_params(), "engine_start_s": start_s,
+                "gather_only_s": gather_s, "memcpy_s": copy_s,
+                "memcpy_gb_per_s": num_bytes / 1e9 / copy_s, "syncs": rows,
+                "peak_rss_reset_supported": reset_peak_rss()}
+    finally:
+        if engine is not None:
+            engine.close()
+        destroy_parallel()
+
+
+# ---- the driver: one fresh process group per case -----------------------------------------------
+def _launch(case: Case, out: Path, timeout_s: int) -> dict:
+    args = [str(Path(__file__).resolve()), "--worker", "--preset", case.preset,
+            "--tp", str(case.tp), "--dtype", case.dtype, "--repeats", str(case.repeats),
+            "--bucket-mb", *map(str, case.buckets_mb), "--transport", *case.transports,
+            "--out", str(out)]
+    if case.tp == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={case.tp}",
+               f"--master-port={_free_port()}", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", "1"), "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{case.preset} tp{case.tp} failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_memory(case: Case) -> None:
+    from megatron_ace.model.config import preset
+
+    width = 4 if case.dtype == "float32" else 2
+    model_bytes = preset(case.preset).num_params() * width
+    # trainer shards (1x) + engine copy (1x) + rank 0's largest gathered tensor and bucket
+    # (~1x at most) + ~1.5 GB per process of torch / vLLM imports.
+    need = 3 * model_bytes + int(1.5e9) * (case.tp + 1)
+    have = mem_available_bytes()
+    if have and need > have:
+        raise SystemExit(f"bench_weight_sync: {case.preset} tp{case.tp} {case.dtype} needs about "
+                         f"{need / 1e9:.1f} GB, only {have / 1e9:.1f} GB available; "
+                         "use --dtype bfloat16 or a smaller --preset")
+
+
+def table(results: list[dict]) -> str:
+    head = ("| model | TP | dtype | transport | bucket MB | s/sync | GB/s | memcpy GB/s | "
+            "sync / memcpy | gather-only s | peak extra RSS MB | peak / bucket |")
+    lines = [head, "|" + "---|" * 12]
+    for res in results:
+        for row in res["syncs"]:
+            lines.append(
+                f"| {res['preset']} ({res['num_bytes'] / 1e6:.0f} MB) | {res['tp']} | "
+                f"{res['dtype']} | {row['transport']} | {row['bucket_mb']:g} | "
+                f"{row['sync_s']:.3f} | {row['gb_per_s']:.3f} | {res['memcpy_gb_per_s']:.2f} | "
+                f"{row['sync_over_memcpy']:.0f}x | {res['gather_only_s']:.3f} | "
+                f"{row['peak_extra_rss_bytes'] / MiB:.0f} | {row['peak_extra_over_bucket']:.2f} |")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", action="append", default=None,
+                   help="model preset (repeatable; default tiny and qwen2.5-0.5b)")
+    p.add_argument("--tp", type=int, action="append", default=None,
+                   help="TP size (repeatable; default 1 and 2)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default: float32 for tiny, bfloat16 for qwen2.5-0.5b")
+    p.add_argument("--bucket-mb", type=float, nargs="+", default=None,
+                   help="bucket sizes in MiB (default per preset)")
+    p.add_argument("--transport", nargs="+", default=["bytes", "shared_memory"],
+                   choices=["bytes", "shared_memory"])
+    p.add_argument("--repeats", type=int, default=2, help="timed syncs per bucket size")
+    p.add_argument("--timeout", type=int, default=1200, help="seconds per case")
+    p.add_argument("--out", type=Path, default=Path("bench_weight_sync.json"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    presets = args.preset or ["tiny", "qwen2.5-0.5b"]
+    if args.worker:
+        case = Case(preset=presets[0], tp=args.tp[0], dtype=args.dtype,
+                    buckets_mb=tuple(args.bucket_mb), transports=tuple(args.transport),
+                    repeats=args.repeats)
+        record = run_case(case)
+        if record is not None:
+            args.out.write_text(json.dumps(record, indent=2) + "\n")
+        return 0
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ace-bench-sync-out-") as tmp:
+        for name in presets:
+            for tp in args.tp or [1, 2]:
+                case = Case(preset=name, tp=tp, dtype=args.dtype or DEFAULT_DTYPE.get(name, "float32"),
+                            buckets_mb=tuple(args.bucket_mb or DEFAULT_BUCKETS_MB.get(name, (64.0,))),
+                            transports=tuple(args.transport), repeats=args.repeats)
+                _check_memory(case)
+                results.append(_launch(case, Path(tmp) / f"{name}_tp{tp}.json", args.timeout))
+                sys.stdout.write(f"done: {name} tp{tp}\n")
+                sys.stdout.flush()
+    report = {"benchmark": "weight_sync", "cases": results,
+              "baseline": "memcpy of the same bytes in 256 MiB blocks, same process"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    sys.stdout.write(table(results) + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # the engine's process is spawned and re-imports this file
+    sys.exit(main(sys.argv[1:]))
