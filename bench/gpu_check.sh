@@ -26,6 +26,9 @@ need=()
 have megatron.core || need+=("megatron-core==$MCORE_VERSION")
 have numpy || need+=("numpy")
 have packaging || need+=("packaging")
+# torch.utils.cpp_extension (imported by megatron-core) needs setuptools, which Python 3.12
+# venvs no longer include.
+have setuptools || need+=("setuptools")
 if ((${#need[@]})); then
   mkdir -p "$WHEELS" "$SITE"
   for req in "${need[@]}"; do
