@@ -57,8 +57,13 @@ def _ace(argv: list[str], log_path: Path) -> None:
 
 def _prompt_files(sft_dir: Path, data_dir: Path) -> tuple[Path, Path]:
     """RL and held-out prompts of the SFT run's arithmetic task (as the demo writes them)."""
-    from megatron_ace.data.arith_task import (ArithTaskConfig, Split, generate_problems,
-                                              prompt_rows, write_jsonl)
+    from megatron_ace.data.arith_task import (
+        ArithTaskConfig,
+        Split,
+        generate_problems,
+        prompt_rows,
+        write_jsonl,
+    )
 
     raw = json.loads((sft_dir / "config.json").read_text())["arith"]["task"]
     task = ArithTaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
@@ -106,8 +111,13 @@ def phase_breakdown(rows: list[dict], skip_first: bool = True) -> dict:
         steps = steps[1:]
     ms = {p: 1000 * statistics.median(r[f"time/{p}"] for r in steps) for p in PHASES}
     total = sum(ms.values())
-    walls = [1000 * (b["time"] - a["time"]) for a, b in zip(steps, steps[1:])
+    # A row is logged when its step ends, so the wall time of step b is b.time - a.time; what
+    # its phases do not cover is logging, filtering and advantages.
+    pairs = [(a, b) for a, b in zip(steps, steps[1:], strict=False)
              if "time" in a and "time" in b and b["step"] == a["step"] + 1]
+    walls = [1000 * (b["time"] - a["time"]) for a, b in pairs]
+    outside = [w - 1000 * sum(b[f"time/{p}"] for p in PHASES)
+               for w, (_, b) in zip(walls, pairs, strict=True)]
     wall = statistics.median(walls) if walls else None
     slowest = max(PHASES, key=ms.get)
     return {
@@ -116,7 +126,7 @@ def phase_breakdown(rows: list[dict], skip_first: bool = True) -> dict:
         "share": {p: ms[p] / total for p in PHASES},
         "phases_total_ms": total,
         "wall_ms_per_step": wall,
-        "unaccounted_ms": None if wall is None else wall - total,
+        "unaccounted_ms": statistics.median(outside) if outside else None,
         "slowest_phase": slowest,
         "slowest_over_next": ms[slowest] / sorted(ms.values())[-2],
     }

@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
+import shutil
 import sys
 import time
 import traceback
@@ -210,17 +210,30 @@ def _fused_kernels_present() -> bool:
     return True
 
 
+def gpu_config_overrides(attention: str) -> dict:
+    """TransformerConfig changes a bare CUDA machine needs on top of the builder's defaults."""
+    if not torch.cuda.is_available():
+        return {}
+    overrides = {}
+    if attention != "te":
+        # Without apex the local spec's torch norms refuse persist_layer_norm, and the fused
+        # softmax path imports a kernel module that only apex / TE builds provide.
+        overrides["persist_layer_norm"] = False
+        overrides["masked_softmax_fusion"] = _fused_kernels_present()
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        # megatron's bias-activation / bias-dropout fusions are torch.compile'd; Triton needs
+        # a C compiler to build its launcher, so without one they would fail at the first step.
+        overrides["bias_activation_fusion"] = False
+        overrides["bias_dropout_fusion"] = False
+    return overrides
+
+
 def build_mcore(cfg: Qwen2Config, ps, dtype: torch.dtype, attention: str):
     """GPTModel via megatron_ace's builder; `attention` is 'local', 'sdpa' or 'te'."""
     from megatron_ace.model import builder, spec
     from megatron_ace.model.mapping import Spec
 
-    overrides = {}
-    if torch.cuda.is_available() and attention != "te":
-        # Without apex the local spec's torch norms refuse persist_layer_norm, and the fused
-        # softmax path imports a kernel module that only apex / TE builds provide.
-        overrides["persist_layer_norm"] = False
-        overrides["masked_softmax_fusion"] = _fused_kernels_present()
+    overrides = gpu_config_overrides(attention)
     original = spec.layer_spec
     if attention == "sdpa":
         def patched(which):
@@ -309,7 +322,6 @@ def _train_steps(step_fn, params, cc: CheckConfig) -> float:
         seconds = timed(one, cc.device)
         if i >= 3:
             times.append(seconds)
-    del opt
     return sorted(times)[len(times) // 2]
 
 
@@ -333,12 +345,8 @@ def _measure_one(kind: str, cfg: Qwen2Config, ps, cc: CheckConfig, mbs: int) -> 
 
         def step():
             return model(inputs, pos, None, labels=labels).float().mean()
-    try:
-        return _train_steps(step, [p for p in model.parameters() if p.requires_grad], cc)
-    finally:
-        del model
-        if cc.device == "cuda":
-            torch.cuda.empty_cache()
+    # The model, its optimizer and activations are freed when this frame returns.
+    return _train_steps(step, [p for p in model.parameters() if p.requires_grad], cc)
 
 
 def check_mfu(cc: CheckConfig, ps) -> dict:
@@ -347,7 +355,11 @@ def check_mfu(cc: CheckConfig, ps) -> dict:
     mbs = cc.micro_batch
     while True:  # every model runs at the same batch: halve it for all on out-of-memory
         try:
-            seconds = {kind: _measure_one(kind, cfg, ps, cc, mbs) for kind in kinds}
+            seconds = {}
+            for kind in kinds:
+                seconds[kind] = _measure_one(kind, cfg, ps, cc, mbs)
+                if cc.device == "cuda":
+                    torch.cuda.empty_cache()  # hand the next model a clean allocator
             break
         except torch.OutOfMemoryError:
             if mbs == 1:
@@ -364,6 +376,7 @@ def check_mfu(cc: CheckConfig, ps) -> dict:
                         "mfu": tflops / peak if peak else None,
                         "over_torch_sdpa": seconds["torch_sdpa"] / secs}
     return {"preset": cc.mfu_preset, "seq_len": cc.seq_len, "micro_batch": mbs,
+            "config_overrides": {k: gpu_config_overrides(k) for k in attention_kinds()},
             "dtype": "bfloat16", "flops_per_token": flops, "peak_tflops": peak,
             "models": models, "ok": True}
 
@@ -406,7 +419,7 @@ def check_reshard(cc: CheckConfig) -> dict:
 
     best = {name: min(timed(fn, cc.device) for _ in range(cc.repeats))
             for name, fn in (("d2d_copy", copy_all), ("to_hf", to_hf), ("reshard", reshard))}
-    del held
+    held.clear()
     out = {"preset": cc.reshard_preset, "src_tp": cc.src_tp, "dst_tp": cc.dst_tp,
            "num_bytes": num_bytes, "seconds": best,
            "gb_per_s": {k: num_bytes / 1e9 / v for k, v in best.items()},

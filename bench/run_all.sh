@@ -1,17 +1,60 @@
 #!/usr/bin/env bash
-# Every CPU benchmark, each against a baseline measured in the same run; JSON in bench/out/.
-# Run after `make setup` (or via `make bench`). bench/RESULTS.md records the figures.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=.venv/bin/python
-mkdir -p bench/out
-export VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false
-run() { echo; echo "=== $*"; "$PY" "$@"; }
-run bench/bench_packing.py --out bench/out/packing.json
-run bench/bench_math_reward.py --out bench/out/math_reward.json
-run bench/bench_code_reward.py --tests 400 --workers 2 --out bench/out/code_reward.json
-run bench/bench_train_step.py --out bench/out/train_step.json
-run bench/bench_convert.py --preset tiny --preset qwen2.5-0.5b --out bench/out/convert.json
-run bench/bench_rollout.py --out bench/out/rollout.json
-run bench/bench_weight_sync.py --preset tiny --preset qwen2.5-0.5b --tp 1 --tp 2 --out bench/out/weight_sync.json
-run bench/bench_grpo_iteration.py --out bench/out/grpo_iteration.json
+# Run every CPU benchmark of megatron-ace, one after the other, and keep each one's JSON.
+#
+#   bash bench/run_all.sh                 # all of them, JSON into bench/out/
+#   bash bench/run_all.sh weight_sync     # only the named ones (file names without bench_ / .py)
+#
+# Uses the repository's .venv (override with PYTHON=...). Each benchmark measures its own
+# baseline in the same run, so ratios stay meaningful on a busy machine; the load average is
+# logged before each one because the absolute figures are not. A failing benchmark is reported
+# and the others still run; the exit code is the number of failures. GPU figures come from
+# bench/gpu_check.sh, run separately on a CUDA machine.
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-$REPO/.venv/bin/python}"
+OUT="${BENCH_OUT:-$REPO/bench/out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
+export VLLM_ENABLE_V1_MULTIPROCESSING="${VLLM_ENABLE_V1_MULTIPROCESSING:-0}"
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+
+# name | arguments (besides --out)
+BENCHES=(
+  "packing|"
+  "math_reward|"
+  "code_reward|--tests 400 --workers 2"
+  "train_step|"
+  "convert|--preset tiny --preset qwen2.5-0.5b"
+  "rollout|"
+  "weight_sync|"
+  "grpo_iteration|--steps 6"
+)
+
+failures=0
+for entry in "${BENCHES[@]}"; do
+  name="${entry%%|*}"
+  args="${entry#*|}"
+  if (($#)) && [[ ! " $* " == *" $name "* ]]; then
+    continue
+  fi
+  script="$REPO/bench/bench_$name.py"
+  if [[ ! -f "$script" ]]; then
+    echo "== $name: $script not found, skipped" >&2
+    failures=$((failures + 1))
+    continue
+  fi
+  echo "== $name ($(date -u +%H:%M:%S), load average $(cut -d' ' -f1-3 /proc/loadavg))"
+  start=$(date +%s)
+  # shellcheck disable=SC2086  # args is a word list on purpose
+  if "$PY" "$script" $args --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1; then
+    tail -n 25 "$OUT/$name.log"
+    echo "== $name: ok in $(($(date +%s) - start)) s -> $OUT/$name.json"
+  else
+    echo "== $name: FAILED after $(($(date +%s) - start)) s; last lines of $OUT/$name.log:" >&2
+    tail -n 20 "$OUT/$name.log" >&2
+    failures=$((failures + 1))
+  fi
+done
+exit "$failures"

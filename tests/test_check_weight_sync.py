@@ -59,3 +59,30 @@ def test_tp2_sync_matches(checkpoints, tmp_path):
     torchrun(TOOL, "--mcore-dir", m_pp2, "--tp", "2", "--pp", "1", "--json-out", tmp_path / "r.json",
              nproc=2)
     assert _report(tmp_path / "r.json")["parity"]["logp_abs_diff_max"] < 1e-4
+
+
+def test_bad_layout_is_refused_before_any_work(checkpoints):
+    m_tp2, _ = checkpoints
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(TOOL), "--mcore-dir", str(m_tp2), "--tp", "3"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert "--tp 3" in proc.stderr and "query groups" in proc.stderr
+
+
+@pytest.mark.vllm
+def test_tokenizer_prompts_sync_matches(checkpoints, tmp_path):
+    from megatron_ace.data.tiny_tokenizer import build_tiny_tokenizer
+
+    _, m_pp2 = checkpoints
+    tok = build_tiny_tokenizer(tmp_path / "tok")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(TOOL), "--mcore-dir", str(m_pp2), "--tokenizer",
+                           str(tok), "--num-prompts", "3", "--max-tokens", "8",
+                           "--json-out", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = _report(tmp_path / "r.json")
+    assert report["prompts"].startswith("text via")
+    assert report["parity"]["num_tokens"] == 3 * 2 * 8
+    assert report["parity"]["logp_abs_diff_max"] < 1e-4

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from megatron_ace.model.config import Qwen2Config
 from megatron_ace.model.mapping import Spec, padded_vocab_size
 from megatron_ace.model.parallel import ParallelState
-from megatron_ace.model.spec import choose_spec, layer_spec
+from megatron_ace.model.spec import choose_spec, layer_spec, te_usable
 
 
 def transformer_config(cfg: Qwen2Config, ps: ParallelState, *, dtype: torch.dtype,
@@ -33,6 +33,9 @@ def transformer_config(cfg: Qwen2Config, ps: ParallelState, *, dtype: torch.dtyp
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
+    # Persistent layer norm and the fused masked softmax exist only in TE / apex builds; on a GPU
+    # without them megatron-core's torch norm asserts and the fused softmax import fails.
+    fused_kernels = on_gpu and te_usable()
     kwargs: dict[str, Any] = dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -63,9 +66,9 @@ def transformer_config(cfg: Qwen2Config, ps: ParallelState, *, dtype: torch.dtyp
         gradient_accumulation_fusion=False,
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=fused_kernels,
         apply_rope_fusion=False,
-        persist_layer_norm=on_gpu,
+        persist_layer_norm=fused_kernels,
         cross_entropy_loss_fusion=False,
     )
     kwargs.update(overrides)
