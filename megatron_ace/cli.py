@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from megatron_ace.utils import console
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("megatron_ace.train.sft", "supervised fine-tuning on Megatron-Core"),
     "grpo": ("megatron_ace.train.grpo", "on-policy GRPO with vLLM rollouts"),
@@ -28,11 +30,11 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
+        console.result(_usage())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"ace: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        console.error(f"ace: unknown command {name!r}\n\n{_usage()}")
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     result = module.main(rest)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ace.algorithms.passk import avg_at_k, avg_at_k_interval, pass_at_k
+from megatron_ace.utils import console
 from megatron_ace.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -201,9 +202,17 @@ def run_benchmark(items: list[EvalItem], generate, scorer: Scorer, *, k: int,
 def engine_generator(model_dir: str, *, temperature: float, top_p: float, max_tokens: int,
                      seed: int, system_prompt: str):
     """A `generate(items, k) -> list[list[str]]` backed by the real vLLM engine."""
-    from megatron_ace.data.chat import SystemPrompt, render_generation_prompt, system_prompt_text
+    from megatron_ace.data.chat import (
+        SystemPrompt,
+        render_generation_prompt,
+        system_prompt_text,
+    )
     from megatron_ace.data.tokenizer import load_tokenizer
-    from megatron_ace.rollout.engine import DType, RolloutEngineConfig, VllmRolloutEngine
+    from megatron_ace.rollout.engine import (
+        DType,
+        RolloutEngineConfig,
+        VllmRolloutEngine,
+    )
     from megatron_ace.rollout.types import SamplingConfig
 
     tokenizer = load_tokenizer(model_dir)
@@ -318,8 +327,8 @@ def main(argv: list[str]) -> int:
             generate.close()
         if tmp is not None:
             tmp.cleanup()
-    print(_write(out, results), end="")
-    print(f"({time.perf_counter() - start:.1f} s; samples and results in {out})")
+    console.result(_write(out, results))
+    log.info("%.1f s; samples and results in %s", time.perf_counter() - start, out)
     return 0
 
 
@@ -340,5 +349,5 @@ def _rescore(src: Path, out: Path) -> int:
                     r["reward"], r["status"] = float(res.reward), res.status.value
         k = max(sum(1 for r in records if r["id"] == rid) for rid in {r["id"] for r in records})
         results[path.stem.removeprefix("samples_")] = summarize(records, k)
-    print(_write(out, results), end="")
+    console.result(_write(out, results))
     return 0

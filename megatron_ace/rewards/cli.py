@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-import sys
+
+from megatron_ace.utils import console
 
 SCORERS = {
     "math": ("megatron_ace.rewards.math_reward", "math answers graded with math-verify"),
@@ -15,7 +16,8 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SCORERS:
         lines = ["usage: ace reward {math,code} --input F.jsonl --output O.jsonl [options]", ""]
         lines += [f"  {k:<6}{h}" for k, (_, h) in SCORERS.items()]
-        print("\n".join(lines), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        (console.result if asked else console.error)("\n".join(lines))
+        return 0 if asked else 2
     module = importlib.import_module(SCORERS[argv[0]][0])
     return int(module.cli_main(argv[1:]) or 0)

@@ -30,7 +30,6 @@ import os
 import pickle
 import queue
 import re
-import sys
 import threading
 import time
 import zlib
@@ -40,7 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ace.rewards import code_sandbox as sb
-from megatron_ace.rewards.code_sandbox import SandboxConfig, SandboxDiedError, SandboxTimeoutError, SandboxWorker
+from megatron_ace.rewards.code_sandbox import (
+    SandboxConfig,
+    SandboxDiedError,
+    SandboxTimeoutError,
+    SandboxWorker,
+)
+from megatron_ace.utils import console
 from megatron_ace.utils.logging import get_logger
 
 _log = get_logger(__name__)
@@ -524,12 +529,12 @@ def cli_main(argv: list[str]) -> int:
         )
         rows, skipped = _read_tasks(args)
     except (ValueError, OSError) as exc:
-        print(f"ace reward code: error: {exc}", file=sys.stderr)
+        console.error(f"ace reward code: error: {exc}")
         return 2
     try:
         pool = CodeRewardPool(config)
     except sb.SandboxUnavailableError as exc:
-        print(f"ace reward code: error: {exc}", file=sys.stderr)
+        console.error(f"ace reward code: error: {exc}")
         return 2
     counts: collections.Counter = collections.Counter()
     start = time.monotonic()
@@ -546,5 +551,5 @@ def cli_main(argv: list[str]) -> int:
     summary = {"rows": len(rows), "skipped_malformed": skipped, "passed": counts.get("passed", 0),
                "pass_rate": counts.get("passed", 0) / len(rows) if rows else 0.0, "status_counts": dict(counts),
                "sandboxed": pool.sandboxed, "seconds": round(time.monotonic() - start, 2)}
-    print(json.dumps(summary))
+    console.result(json.dumps(summary))
     return 0

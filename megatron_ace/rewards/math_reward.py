@@ -25,13 +25,13 @@ import functools
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_ace.rewards.pool import RewardPool
+from megatron_ace.utils import console
 from megatron_ace.utils.logging import get_logger
 
 _log = get_logger(__name__)
@@ -454,5 +454,5 @@ def cli_main(argv: list[str]) -> int:
     summary = {"rows": total, "skipped_malformed": skipped, "accuracy": counts["correct"] / total if total else 0.0,
                **{s.value: counts[s.value] for s in MathStatus}}
     _log.info("wrote %s: %s", args.output, json.dumps(summary))
-    sys.stdout.write(json.dumps(summary) + "\n")
+    console.result(json.dumps(summary))
     return 0

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_ace.utils import console
 from megatron_ace.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -106,15 +107,20 @@ def main(argv: list[str]) -> int:
     summary["gain_points"] = round(100 * (summary["grpo_accuracy"] - summary["sft_accuracy"]), 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plot(grpo_dir / "metrics.jsonl", out / "curves.png")
-    print(json.dumps(summary, indent=2))
-    print(f"curves: {out / 'curves.png'}")
+    console.result(json.dumps(summary, indent=2))
+    log.info("curves: %s", out / "curves.png")
     return 0
 
 
 def _write_prompt_files(sft_dir: Path, data_dir: Path) -> None:
     """RL prompts from the SFT task's train split, and held-out problems neither phase saw."""
-    from megatron_ace.data.arith_task import (ArithTaskConfig, Split, generate_problems,
-                                              prompt_rows, write_jsonl)
+    from megatron_ace.data.arith_task import (
+        ArithTaskConfig,
+        Split,
+        generate_problems,
+        prompt_rows,
+        write_jsonl,
+    )
 
     sft_cfg = json.loads((sft_dir / "config.json").read_text())
     task = ArithTaskConfig(**{k: tuple(v) if isinstance(v, list) else v
