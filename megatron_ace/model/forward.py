@@ -31,18 +31,24 @@ def mask_padded_vocab(logits_BSVl: torch.Tensor, ps: ParallelState, vocab_size: 
     return logits_BSVl.masked_fill(mask, float("-inf"))
 
 
+def _shifted_exp(logits_BSVl: torch.Tensor, tp_group) -> tuple[torch.Tensor, ...]:
+    """(logits - global max, its exp, global sum of that exp) over the TP-sharded vocabulary."""
+    lmax = logits_BSVl.max(dim=-1).values
+    dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=tp_group)
+    shifted = logits_BSVl - lmax.unsqueeze(-1)
+    exp = shifted.exp()
+    sum_exp = exp.sum(dim=-1)
+    dist.all_reduce(sum_exp, group=tp_group)
+    return shifted, exp, sum_exp
+
+
 class _VocabParallelLogSoftmaxGather(torch.autograd.Function):
     """log p(target) under softmax over the TP-sharded vocabulary, with its gradient."""
 
     @staticmethod
     def forward(ctx, logits_BSVl, target_BS, tp_group, vocab_start):
         logits = logits_BSVl.float()
-        lmax = logits.max(dim=-1).values
-        dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=tp_group)
-        shifted = logits - lmax.unsqueeze(-1)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        dist.all_reduce(sum_exp, group=tp_group)
+        shifted, exp, sum_exp = _shifted_exp(logits, tp_group)
         local_t = target_BS - vocab_start
         in_slice = (local_t >= 0) & (local_t < logits.shape[-1])
         safe_t = local_t.clamp(0, logits.shape[-1] - 1)
@@ -82,12 +88,7 @@ def entropy_from_logits(logits_BSVl: torch.Tensor, ps: ParallelState, vocab_size
                         temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position (a metric: no gradient)."""
     logits = mask_padded_vocab(logits_BSVl.float(), ps, vocab_size) / temperature
-    lmax = logits.max(dim=-1).values
-    dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=ps.tp_group)
-    shifted = logits - lmax.unsqueeze(-1)
-    exp = shifted.exp()
-    sum_exp = exp.sum(dim=-1)
-    dist.all_reduce(sum_exp, group=ps.tp_group)
+    shifted, exp, sum_exp = _shifted_exp(logits, ps.tp_group)
     p_shift = torch.where(exp > 0, exp * shifted, torch.zeros_like(exp)).sum(dim=-1)
     dist.all_reduce(p_shift, group=ps.tp_group)
     # H = log Z - E[shifted], with Z = sum exp(shifted)
@@ -98,7 +99,7 @@ def causal_position_ids(tokens_BS: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand_as(tokens_BS)
 
 
-def _forward_step(batches, ps, vocab_size, temperature, with_entropy, data_iterator, model):
+def _forward_step(ps, vocab_size, temperature, with_entropy, data_iterator, model):
     batch = next(data_iterator)
     tokens = batch["tokens"].to(ps.device)
     pos = batch.get("position_ids")
@@ -138,18 +139,22 @@ def forward_logprobs(model, batches: list[dict[str, torch.Tensor]], ps: Parallel
     for i, b in enumerate(batches):
         if tuple(b["tokens"].shape) != shape:
             raise ValueError(f"batch {i}: tokens shape {tuple(b['tokens'].shape)} != {shape}")
+    was_training = model.training
     model.eval()
-    step: Callable = partial(_forward_step, batches, ps, vocab_size, temperature, with_entropy)
-    outputs = get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=iter(batches),
-        model=[model],
-        num_microbatches=len(batches),
-        seq_length=shape[1],
-        micro_batch_size=shape[0],
-        forward_only=True,
-        collect_non_loss_data=True,
-    )
+    step: Callable = partial(_forward_step, ps, vocab_size, temperature, with_entropy)
+    try:
+        outputs = get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=len(batches),
+            seq_length=shape[1],
+            micro_batch_size=shape[0],
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    finally:
+        model.train(was_training)
     keys = ["logp"] + (["entropy"] if with_entropy else [])
     results = []
     for i in range(len(batches)):

@@ -41,9 +41,6 @@ def load_hf_into_model(model, get_hf: Callable[[str], torch.Tensor], cfg: Qwen2C
         full = M.merge_hf(rule, [get_hf(n) for n in hf_names], cfg, padded)
         _copy_into(params, M.local_name(name, layer, offset), M.shard(rule, full, ps.tp_rank,
                                                                           ps.tp_size), loaded)
-        if rule.mcore.startswith("embedding.") and "output_layer.weight" in params \
-                and cfg.tie_word_embeddings:
-            pass  # same stage: GPTModel's output layer reads the embedding weight directly
     if cfg.tie_word_embeddings and ps.is_last_stage and not ps.is_first_stage:
         # Tied embeddings under PP: the last stage keeps its own copy of the embedding as
         # `output_layer.weight` (kept in sync by megatron's embedding-group all-reduce).

@@ -288,7 +288,6 @@ class GRPORun:
                                              self.cfg.grpo.micro_batch_size)
         outs = forward_logprobs(self._model(), mbs, self.ps, vocab_size=self.model_cfg.vocab_size,
                                 temperature=max(temperature, 1e-6), with_entropy=True)
-        self._model().train()
         num_seqs = batch["tokens"].shape[0]
         old = torch.cat([o["logp"] for o in outs])[:num_seqs]
         batch["old_logp"] = torch.nn.functional.pad(old, (0, 1))  # align with labels [B, S]

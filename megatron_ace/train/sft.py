@@ -60,23 +60,18 @@ def resolve_dtype(precision: Precision) -> torch.dtype:
 
 
 def hf_tensor_reader(hf_dir: str | Path):
-    """name -> full tensor, read lazily from every *.safetensors file of an HF directory."""
-    from safetensors import safe_open
+    """name -> full tensor, read lazily from the safetensors files of an HF directory."""
+    from megatron_ace.checkpoint.safetensors_stream import LazyReader
 
-    files = sorted(Path(hf_dir).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"model.hf_path: no *.safetensors files in {hf_dir}")
-    where = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            for key in handle.keys():
-                where[key] = f
+    try:
+        reader = LazyReader(hf_dir)
+    except FileNotFoundError as exc:
+        raise ValueError(f"model.hf_path: {exc}") from None
 
     def get(name: str) -> torch.Tensor:
-        if name not in where:
+        if name not in reader:
             raise ValueError(f"model.hf_path: tensor {name!r} not found in {hf_dir}")
-        with safe_open(str(where[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
+        return reader.get(name)
 
     return get
 
