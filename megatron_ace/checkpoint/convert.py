@@ -196,6 +196,24 @@ def _report(what: str, nbytes: int, t0: float) -> None:
     log.info("%s: %.1f MB in %.2f s (%.2f GB/s)", what, nbytes / 1e6, dt, nbytes / 1e9 / dt)
 
 
+def _write_checkpoint(source: RuleSource, meta: F.CheckpointMeta, out: Path, *,
+                      tokenizer_src: Path | None) -> int:
+    """Shards, tokenizer and meta into `<out>.tmp`, then one atomic rename; returns bytes."""
+    tmp = atomic.tmp_dir_for(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        nbytes = write_mcore(source, meta, tmp)
+        if tokenizer_src is not None and _copy_tokenizer(tokenizer_src, tmp / "tokenizer"):
+            meta.tokenizer_dir = "tokenizer"
+        F.write_meta(tmp, meta)
+        atomic.commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return nbytes
+
+
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1,
                 rope_theta: float | None = None, spec: M.Spec = M.Spec.LOCAL) -> Path:
     """Convert an HF Qwen2 directory into a Megatron checkpoint at (tp, pp)."""
@@ -207,18 +225,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
     dtype_name = str(source.dtype).removeprefix("torch.")
     meta = F.CheckpointMeta(model=cfg.replace(torch_dtype=dtype_name), tp=tp, pp=pp,
                             dtype=dtype_name, spec=spec)
-    tmp = atomic.tmp_dir_for(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        nbytes = write_mcore(source, meta, tmp)
-        if _copy_tokenizer(hf_dir, tmp / "tokenizer"):
-            meta.tokenizer_dir = "tokenizer"
-        F.write_meta(tmp, meta)
-        atomic.commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    nbytes = _write_checkpoint(source, meta, out, tokenizer_src=hf_dir)
     _report(f"hf-to-mcore tp={tp} pp={pp}", nbytes, t0)
     return out
 
@@ -231,20 +238,8 @@ def relayout(mcore_dir: str | Path, out: str | Path, *, tp: int, pp: int,
     old = source.meta
     meta = F.CheckpointMeta(model=old.model, tp=tp, pp=pp, dtype=old.dtype,
                             spec=old.spec if spec is None else spec, iteration=old.iteration)
-    out = Path(out)
-    tmp = atomic.tmp_dir_for(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        nbytes = write_mcore(source, meta, tmp)
-        if old.tokenizer_dir and _copy_tokenizer(Path(mcore_dir) / old.tokenizer_dir,
-                                                 tmp / "tokenizer"):
-            meta.tokenizer_dir = "tokenizer"
-        F.write_meta(tmp, meta)
-        atomic.commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tokenizer_src = Path(mcore_dir) / old.tokenizer_dir if old.tokenizer_dir else None
+    nbytes = _write_checkpoint(source, meta, Path(out), tokenizer_src=tokenizer_src)
     _report(f"relayout tp={old.tp} pp={old.pp} -> tp={tp} pp={pp}", nbytes, t0)
     return out
 
