@@ -14,6 +14,7 @@ import enum
 from megatron_ace.algorithms.grpo import AdvantageEstimator, PolicyLossConfig
 from megatron_ace.algorithms.temperature import TemperatureConfig, TemperaturePolicyKind
 from megatron_ace.data.chat import SystemPrompt
+from megatron_ace.data.packing import BatchMode
 from megatron_ace.model.parallel import ParallelConfig
 from megatron_ace.train.config import (CheckpointConfig, LoggingConfig, LRDecay, ModelSection,
                                        OptimConfig, Precision)
@@ -97,12 +98,23 @@ class AlgoConfig:
     """Skip groups whose rollouts all got the same reward (they carry no gradient)."""
     num_updates: int = 1
     """Policy updates (mini-batches) per rollout batch; 1 = strictly on-policy (AceReason)."""
+    fuse_old_logprobs: bool = True
+    """With num_updates == 1, the update's own forward supplies the old logprobs (ratio exactly
+    1), the entropy and the mismatch metrics: no separate logprob pass."""
+    batching: BatchMode = BatchMode.PACKED
+    """PACKED: rollouts back to back in micro-batches of at most max_tokens_per_micro_batch
+    positions, balanced over DP ranks. PADDED: micro_batch_size rollouts per micro-batch, each
+    padded to the step's longest (for comparison)."""
+    max_tokens_per_micro_batch: int = 16384
+    """PACKED: token budget (prompt + response positions) of one micro-batch; a longer rollout
+    gets a micro-batch of its own. Size it to what one forward/backward fits in memory."""
     micro_batch_size: int = 8
-    """Sequences per forward/backward micro-batch."""
+    """PADDED: rollouts per forward/backward micro-batch."""
 
     def __post_init__(self) -> None:
-        if self.num_updates < 1 or self.micro_batch_size < 1:
-            raise ValueError("grpo.num_updates and grpo.micro_batch_size must be >= 1")
+        for name in ("num_updates", "micro_batch_size", "max_tokens_per_micro_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(kw_only=True)

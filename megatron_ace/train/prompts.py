@@ -7,6 +7,7 @@ an error naming the file and row (or skipped and counted with `data.skip_bad_row
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from megatron_ace.data.chat import render_generation_prompt, system_prompt_text
 from megatron_ace.data.packing import ResumableSampler
 from megatron_ace.train.grpo_config import Domain, PromptDataConfig
+from megatron_ace.train.reward_stream import RewardOutcome, score_all
 from megatron_ace.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -96,14 +98,22 @@ class PromptSampler(ResumableSampler):
 class MathRewards:
     """Math answers graded with math-verify in a pool of worker processes."""
 
+    FAILED = ("timeout", "error")
+    """Statuses that mean the grading failed (a hung or crashed worker), not a wrong answer."""
+
     def __init__(self, num_workers: int = 2, timeout_s: float = 10.0) -> None:
         from megatron_ace.rewards.math_reward import MathRewardPool
 
         self.pool = MathRewardPool(num_workers=num_workers, timeout_s=timeout_s)
 
+    def submit(self, item: PromptItem, sample: Any) -> concurrent.futures.Future:
+        return self.pool.submit(sample.response_text, item.answer)
+
+    def outcome(self, result: Any) -> RewardOutcome:
+        return RewardOutcome(result.reward, result.status.value in self.FAILED)
+
     def score_samples(self, items: list[PromptItem], samples: list[Any]) -> list[float]:
-        results = self.pool.score([s.response_text for s in samples], [it.answer for it in items])
-        return [r.reward for r in results]
+        return score_all(self, items, [[s] for s in samples])[0]
 
     def close(self) -> None:
         self.pool.close()
@@ -112,14 +122,22 @@ class MathRewards:
 class CodeRewards:
     """Programs run against the row's tests in the bubblewrap sandbox pool."""
 
+    FAILED = ("sandbox_error",)
+    """Statuses that mean the sandbox failed, not the program."""
+
     def __init__(self) -> None:
         from megatron_ace.rewards.code_reward import CodeRewardPool
 
         self.pool = CodeRewardPool()
 
+    def submit(self, item: PromptItem, sample: Any) -> concurrent.futures.Future:
+        return self.pool.submit({**item.row, "response": sample.response_text})
+
+    def outcome(self, result: Any) -> RewardOutcome:
+        return RewardOutcome(result.reward, result.status.value in self.FAILED)
+
     def score_samples(self, items: list[PromptItem], samples: list[Any]) -> list[float]:
-        rows = [{**it.row, "response": s.response_text} for it, s in zip(items, samples)]
-        return [r.reward for r in self.pool.score(rows)]
+        return score_all(self, items, [[s] for s in samples])[0]
 
     def close(self) -> None:
         self.pool.close()
