@@ -161,3 +161,22 @@ def test_restore_torch_threads_gives_the_process_its_threads_back(model_dir):
         assert len(s.response_token_ids) >= 1
     finally:
         eng.close()
+
+
+def test_streamed_groups_equal_batch_generation(engine):
+    """`on_group` hands out each prompt's samples as it finishes; the samples are those of a
+    plain batch generation with the same seeds, and every group is handed out exactly once."""
+    sampling = SamplingConfig(n=4, temperature=1.0, max_tokens=16, seed=11, iteration=2)
+    plain = engine.generate(PROMPTS, sampling)
+    seen: list[tuple[int, list]] = []
+    streamed = engine.generate(PROMPTS, sampling,
+                               on_group=lambda i, group: seen.append((i, group)))
+    assert sorted(i for i, _ in seen) == list(range(len(PROMPTS)))
+    for i, group in seen:
+        assert group is streamed[i]
+    for a_group, b_group in zip(plain, streamed):
+        assert [(s.response_token_ids, s.status) for s in a_group] == \
+            [(s.response_token_ids, s.status) for s in b_group]
+        for a, b in zip(a_group, b_group):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs),
+                                       rtol=0, atol=0)
