@@ -112,7 +112,24 @@ def test_gpu_check_cpu_smoke(tmp_path):
     from megatron_ace.model.config import preset
 
     assert report["reshard"]["num_bytes"] >= preset("tiny").num_params() * 2  # bf16, padded
+    runs = report["grpo"]["runs"]
+    assert runs["packed"]["real_token_share"] > runs["padded"]["real_token_share"]
+    assert runs["packed"]["real_positions"] == runs["padded"]["real_positions"]
     assert "FAILED" not in proc.stdout
+
+
+# ---- bench_grpo_update -------------------------------------------------------------------------
+def test_grpo_update_bench_small(tmp_path):
+    out = tmp_path / "u.json"
+    _run("bench_grpo_update.py", "--prompts", "2", "--group", "4", "--median", "24", "--cap",
+         "64", "--max-tokens", "256", "--micro-batch-size", "2", "--threads", "1", "--out", out)
+    report = json.loads(out.read_text())
+    packed, padded = report["runs"]["packed"], report["runs"]["padded"]
+    assert packed["real_positions"] == padded["real_positions"] > 0
+    assert packed["real_token_share"] >= 0.9 and packed["real_token_share"] > padded["real_token_share"]
+    # Same rollouts, same weights, float32: the two layouts computed the same loss.
+    assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-4, abs=1e-7)
+    assert report["speedup"] == pytest.approx(packed["tokens_per_s"] / padded["tokens_per_s"])
 
 
 @pytest.fixture

@@ -181,7 +181,7 @@ def grpo_tiny() -> GRPOConfig:
                                 temperature=TemperatureConfig(
                                     policy=TemperaturePolicyKind.FIXED, initial_temperature=1.0))
     cfg.grpo = AlgoConfig(loss=PolicyLossConfig(clip_low=0.2, clip_high=0.28),
-                          micro_batch_size=32)
+                          max_tokens_per_micro_batch=8192, micro_batch_size=32)
     cfg.optim = OptimConfig(lr=1e-4, min_lr=1e-4, decay=LRDecay.CONSTANT, warmup_steps=0,
                             weight_decay=0.0, clip_grad=1.0)
     cfg.eval = EvalConfig(every_steps=0, max_problems=200, max_response_tokens=96)
