@@ -37,7 +37,7 @@ from megatron_ace.algorithms.grpo import PolicyLossConfig, policy_loss, split_mi
 from megatron_ace.algorithms.mismatch import PREFIX as MISMATCH, mismatch_metrics, mismatch_sums
 from megatron_ace.model.forward import entropy_from_logits, token_logprobs_from_logits
 from megatron_ace.train import grpo_batch
-from megatron_ace.train.step import ModelOutput, forward_only_sums, train_step
+from megatron_ace.train.step import ModelOutput, accumulate_sums, forward_only_sums, train_step
 from megatron_ace.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -134,14 +134,10 @@ def _plan(rollouts, rows, settings: UpdateSettings, ps) -> list[list[list[int]]]
                                          layout=settings.layout)
 
 
-def _measure(trainer, rollouts, rows, settings: UpdateSettings, ps, *, in_loss: bool,
-             micro_batches: list[dict] | None = None) -> tuple[dict[str, float], list[dict]]:
-    """Forward-only MEASURE pass; returns its reduced sums and the micro-batches, each holding
-    its `old_logp` on the last pipeline stage."""
-    if micro_batches is None:
-        micro_batches = grpo_batch.build_micro_batches(
-            rollouts, _plan(rollouts, rows, settings, ps), ps.dp_rank, settings.layout,
-            in_loss=in_loss)
+def _measure(trainer, micro_batches: list[dict], settings: UpdateSettings, ps
+             ) -> dict[str, float]:
+    """Forward-only MEASURE pass; returns its reduced sums. Each micro-batch gets its
+    `old_logp` (on the last pipeline stage, where the loss runs)."""
     loss = GRPOLoss(ps, vocab_size=settings.vocab_size, temperature=settings.temperature,
                     config=settings.loss, mode=LossMode.MEASURE, parity=settings.check_parity)
     sums, _ = forward_only_sums(trainer.opt.model_chunks, micro_batches, ps, loss_fn=loss,
@@ -149,18 +145,13 @@ def _measure(trainer, rollouts, rows, settings: UpdateSettings, ps, *, in_loss: 
     for mb in micro_batches:
         if mb["mb_id"] in loss.logp_by_mb:
             mb["old_logp"] = loss.logp_by_mb[mb["mb_id"]].to(mb["tokens"].device)
-    return sums, micro_batches
+    return sums
 
 
-def _add(total: dict[str, float], sums: Mapping[str, float]) -> None:
-    for k, v in sums.items():
-        if k.startswith(MISMATCH) or k.startswith("rollout_"):
-            if k.endswith("_max"):
-                total[k] = max(total.get(k, -float("inf")), v)
-            elif k.endswith("_min"):
-                total[k] = min(total.get(k, float("inf")), v)
-            else:
-                total[k] = total.get(k, 0.0) + v
+def _add_measurements(total: dict[str, torch.Tensor], sums: Mapping[str, float]) -> None:
+    """Accumulate the rollout measurements (entropy, mismatch) of one pass into `total`."""
+    accumulate_sums(total, {k: torch.tensor(v, dtype=torch.float64) for k, v in sums.items()
+                            if k.startswith((MISMATCH, "rollout_"))})
 
 
 def train_on_rollouts(trainer: Any, rollouts: grpo_batch.Rollouts, keep_B: torch.Tensor,
@@ -179,14 +170,16 @@ def train_on_rollouts(trainer: Any, rollouts: grpo_batch.Rollouts, keep_B: torch
     plans = [_plan(rollouts, rows, settings, ps) for rows in minis]
     batches = [grpo_batch.build_micro_batches(rollouts, plan, ps.dp_rank, settings.layout)
                for plan in plans]
-    measured: dict[str, float] = {}
+    measured: dict[str, torch.Tensor] = {}
     with timer("logprob"):
         if dropped:
-            _add(measured, _measure(trainer, rollouts, dropped, settings, ps, in_loss=False)[0])
+            only_measured = grpo_batch.build_micro_batches(
+                rollouts, _plan(rollouts, dropped, settings, ps), ps.dp_rank, settings.layout,
+                in_loss=False)
+            _add_measurements(measured, _measure(trainer, only_measured, settings, ps))
         if not fused:
             for mbs in batches:
-                _add(measured, _measure(trainer, rollouts, None, settings, ps, in_loss=True,
-                                        micro_batches=mbs)[0])
+                _add_measurements(measured, _measure(trainer, mbs, settings, ps))
     metrics: dict[str, float] = {"update/separate_logprob_pass": float(not fused and bool(kept))}
     with timer("update"):
         if not kept:
@@ -199,7 +192,7 @@ def train_on_rollouts(trainer: Any, rollouts: grpo_batch.Rollouts, keep_B: torch
             m = train_step(trainer.opt, trainer.sched, mbs, ps, loss_fn=loss,
                            output=ModelOutput.LOGITS)
             if fused:
-                _add(measured, m.sums)
+                _add_measurements(measured, m.sums)
             if j == 0:
                 metrics["update/max_abs_ratio_minus_1_first"] = m.sums["ratio_dev_max"]
             metrics.update({"update/loss": m.loss, "update/grad_norm": m.grad_norm,
@@ -209,7 +202,8 @@ def train_on_rollouts(trainer: Any, rollouts: grpo_batch.Rollouts, keep_B: torch
                             "update/entropy": m.extra["entropy_sum"]})
     real, held = _positions(rollouts, plans, settings.layout)
     metrics["update/real_token_share"] = real / held if held else float("nan")
-    metrics.update(_rollout_metrics(measured, settings.check_parity))
+    metrics.update(_rollout_metrics({k: float(v) for k, v in measured.items()},
+                                    settings.check_parity))
     return metrics
 
 
