@@ -46,8 +46,10 @@ def _cfg(tmp_path, path, **kw):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_acereason_sft_as_shipped(tmp_path, qwen, fmt):
     path = write(ACEREASON_SFT, fmt, tmp_path / "data", "acereason")
+    files_before = sorted((tmp_path / "data").rglob("*"))
     ds = build_sft_dataset(_cfg(tmp_path, path, system_prompt=SystemPrompt.AUTO,
                                 max_responses_per_prompt=2), qwen)
+    assert sorted((tmp_path / "data").rglob("*")) == files_before  # nothing written next to data
     assert ds.stats.rows_by_layout == {"acereason-sft": len(ACEREASON_SFT)}
     assert ds.stats.num_rows == 6 and ds.stats.num_over_cap == 1 and len(ds) == 5
     samples = sorted(ds.dataset, key=lambda s: (s["source"], s["row"]))

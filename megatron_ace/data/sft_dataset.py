@@ -278,8 +278,10 @@ def cache_key(cfg: SFTDataConfig, tokenizer_fp: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _tokenize_table(table: Table, cfg: SFTDataConfig, tokenizer: Any, key: str) -> Any:
+def _tokenize_table(table: Table, cfg: SFTDataConfig, tokenizer: Any, key: str,
+                    work_dir: Path) -> Any:
     raw = table.dataset
+    fingerprint = hashlib.sha256(f"{key}:{table.source}".encode()).hexdigest()[:16]
     opts = {
         "json_text": table.is_json_text,
         "source": table.source,
@@ -299,7 +301,9 @@ def _tokenize_table(table: Table, cfg: SFTDataConfig, tokenizer: Any, key: str) 
         fn_kwargs={"opts": opts, "tokenizer": tokenizer},
         num_proc=cfg.num_proc if cfg.num_proc > 1 and len(raw) > 1 else None,
         # Our own cache key already covers inputs and options; skip hashing the tokenizer.
-        new_fingerprint=hashlib.sha256(f"{key}:{table.source}".encode()).hexdigest()[:16],
+        new_fingerprint=fingerprint,
+        # Never next to the input: `datasets` would write into the user's Arrow directory.
+        cache_file_name=str(work_dir / f"tokenized-{fingerprint}.arrow"),
         desc=f"tokenizing {Path(table.source).name}",
     )
 
@@ -373,10 +377,11 @@ def build_sft_dataset(cfg: SFTDataConfig, tokenizer: Any = None) -> SFTDataset:
     if cfg.num_proc > 1:
         # Fork-based workers plus the Rust tokenizer's own thread pool can deadlock.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    (root / "hf").mkdir(parents=True, exist_ok=True)
     parts = []
     for unit in units:
         table = open_table(unit, cache_dir=root / "hf")
-        part = _tokenize_table(table, cfg, tokenizer, key)
+        part = _tokenize_table(table, cfg, tokenizer, key, root / "hf")
         parts.append(part.add_column("source", [table.source] * len(part)))
     records = datasets.concatenate_datasets(parts)
     keep, num_over_cap = _apply_cap(records, cfg.max_responses_per_prompt)

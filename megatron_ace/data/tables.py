@@ -7,7 +7,7 @@ What it does:
   shards (as `datasets` writes them to its cache).
 - `expand_paths`: files and folders -> the units to read, in order. A folder that is not a
   `save_to_disk` directory stands for the data files inside it (recursively, sorted by path,
-  `datasets`' own metadata files left out), so a downloaded dataset folder or a folder of
+  `datasets`' own metadata and `cache-*.arrow` files left out), so a downloaded dataset folder or a folder of
   `.arrow` shards is one argument.
 - `open_table(path)`: one unit as a `datasets.Dataset`. JSON text stays one string per row (a
   `text` column) and is decoded row by row (`decode_row`): a malformed line is reported with its
@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,8 @@ def _folder_units(folder: Path) -> list[Path]:
             continue
         if entry.is_dir():
             units += [entry] if _is_save_to_disk_dir(entry) else _folder_units(entry)
-        elif entry.suffix.lower() in _SUFFIXES and entry.name not in _METADATA_FILES:
+        elif entry.suffix.lower() in _SUFFIXES and entry.name not in _METADATA_FILES \
+                and not entry.name.startswith("cache-"):  # `datasets`' own map outputs
             units.append(entry)
     return units
 
@@ -173,25 +174,40 @@ def _json_array_table(path: Path) -> Any:
     return datasets.Dataset.from_dict({JSON_TEXT_COLUMN: texts})
 
 
-def open_table(path: str | Path, *, cache_dir: str | Path | None = None) -> Table:
-    """One unit (a file, or a save_to_disk directory) as a `Table`."""
+def _read_jsonl(path: Path, cache: str | None) -> Any:
     import datasets
 
+    return datasets.load_dataset("text", data_files=[str(path)], split="train", cache_dir=cache)
+
+
+def _read_parquet(path: Path, cache: str | None) -> Any:
+    import datasets
+
+    return datasets.load_dataset("parquet", data_files=[str(path)], split="train", cache_dir=cache)
+
+
+def _read_arrow_file(path: Path, cache: str | None) -> Any:
+    import datasets
+
+    return datasets.Dataset.from_file(str(path))  # memory-mapped, no copy
+
+
+_READERS: dict[FileFormat, Callable[[Path, str | None], Any]] = {
+    FileFormat.JSONL: _read_jsonl,
+    FileFormat.JSON_ARRAY: lambda path, cache: _json_array_table(path),
+    FileFormat.PARQUET: _read_parquet,
+    FileFormat.ARROW_FILE: _read_arrow_file,
+    FileFormat.ARROW_DIR: lambda path, cache: _load_save_to_disk(path),
+}
+
+
+def open_table(path: str | Path, *, cache_dir: str | Path | None = None) -> Table:
+    """One unit (a file, or a save_to_disk directory) as a `Table`; `cache_dir` is where
+    `datasets` keeps what it converts (its default cache when None)."""
     path = Path(path)
     fmt = _unit_format(path)
-    cache = str(cache_dir) if cache_dir is not None else None
-    if fmt is FileFormat.JSONL:
-        ds = datasets.load_dataset("text", data_files=[str(path)], split="train", cache_dir=cache)
-    elif fmt is FileFormat.JSON_ARRAY:
-        ds = _json_array_table(path)
-    elif fmt is FileFormat.PARQUET:
-        ds = datasets.load_dataset("parquet", data_files=[str(path)], split="train",
-                                   cache_dir=cache)
-    elif fmt is FileFormat.ARROW_FILE:
-        ds = datasets.Dataset.from_file(str(path))
-    else:
-        ds = _load_save_to_disk(path)
-    return Table(source=str(path), format=fmt, dataset=ds)
+    dataset = _READERS[fmt](path, str(cache_dir) if cache_dir is not None else None)
+    return Table(source=str(path), format=fmt, dataset=dataset)
 
 
 def decode_row(value: Any) -> dict[str, Any] | None:
