@@ -216,8 +216,10 @@ def load_benchmark(spec: str, opts: LoadOptions | None = None) -> tuple[str, lis
                  for i, r in enumerate(_shipped_rows(spec), start=1)]
     else:
         name, paths, window = split_spec(spec)
-        if not paths:
-            raise ValueError(f"benchmark {spec!r}: no file given; shipped: {', '.join(SHIPPED)}")
+        missing = [p for p in paths if not Path(p).exists()]
+        if not paths or missing:
+            raise ValueError(f"benchmark {spec!r}: no such file or folder {missing or ''}; "
+                             f"shipped benchmarks: {', '.join(SHIPPED)}")
         if window is not None:
             opts = dataclasses.replace(opts, window=window)
         items = _file_items(paths, opts)
