@@ -14,7 +14,9 @@ import enum
 from megatron_ace.algorithms.grpo import AdvantageEstimator, PolicyLossConfig
 from megatron_ace.algorithms.temperature import TemperatureConfig, TemperaturePolicyKind
 from megatron_ace.data.chat import SystemPrompt
+from megatron_ace.data.layouts import FieldMap
 from megatron_ace.data.packing import BatchMode
+from megatron_ace.data.tables import BadRowPolicy
 from megatron_ace.model.parallel import ParallelConfig
 from megatron_ace.train.config import (CheckpointConfig, LoggingConfig, LRDecay, ModelSection,
                                        OptimConfig, Precision)
@@ -32,8 +34,9 @@ class Domain(enum.Enum):
 @dataclasses.dataclass(kw_only=True)
 class PromptDataConfig:
     train_path: str
-    """JSONL or parquet of prompts: `prompt` (string or chat messages) and `answer` (math) or
-    test cases (code)."""
+    """Prompt file or folder (.jsonl, JSON array, parquet, `datasets` Arrow) in a published
+    layout: math `problem`/`answer` (AceReason-Math, DeepScaleR, MATH-500...), code
+    LiveCodeBench / TACO / APPS / DeepCoder, or our own `prompt` + `answer` / tests."""
     heldout_path: str = ""
     """Held-out prompts for the evaluation hook ("" = none)."""
     tokenizer: str = ""
@@ -44,8 +47,11 @@ class PromptDataConfig:
     """System message added to every prompt."""
     max_prompt_tokens: int = 1024
     """Prompts longer than this are an error naming the row (or skipped, see on_bad_row)."""
-    skip_bad_rows: bool = False
-    """Skip and count malformed rows instead of stopping at the first one."""
+    on_bad_row: BadRowPolicy = BadRowPolicy.ERROR
+    """ERROR: a malformed row (no answer, no usable tests...) stops loading, naming file and
+    row; SKIP: it is skipped and counted."""
+    fields: FieldMap = dataclasses.field(default_factory=FieldMap)
+    """Column mapping for other layouts (`data.fields.prompt=statement`)."""
 
     def __post_init__(self) -> None:
         if not self.train_path:
