@@ -172,6 +172,7 @@ def _train(ps, model_cfg, init, optim_cfg, batches, num_steps, *, save_to=None, 
     return losses
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("backend", ["torch", "mcore"])
 def test_state_round_trip_continues_exactly(ps, tmp_path, backend):
     """2 steps, save, 2 steps == 2 steps, save, (fresh model) load, 2 steps: bit-identical."""
@@ -191,6 +192,7 @@ def test_state_round_trip_continues_exactly(ps, tmp_path, backend):
     assert first + second == straight
 
 
+@pytest.mark.numerics
 def test_mcore_backend_equals_torch_backend(ps):
     """megatron-core DDP + FP32Optimizer (CPU-patched) trains like torch AdamW + our reductions."""
     from megatron_ace.model.config import preset
@@ -204,8 +206,11 @@ def test_mcore_backend_equals_torch_backend(ps):
         optim_cfg = OptimConfig(lr=1e-3, warmup_steps=1, weight_decay=0.1, clip_grad=0.5,
                                 backend=backend, distributed=False)
         curves[backend] = _train(ps, model_cfg, init, optim_cfg, batches, 4)
-    # Same math in the same order on one rank: equal to float32 rounding of the norm.
-    assert curves[OptimBackend.MCORE] == pytest.approx(curves[OptimBackend.TORCH], rel=1e-6)
+    # Same math on one rank; the backends sum the gradient norm in another order, and the clip
+    # factor scales every gradient alike (AdamW's update is scale-invariant but for eps): the
+    # losses (13 loss tokens each) agree to the rounding of their sums.
+    assert curves[OptimBackend.MCORE] == pytest.approx(curves[OptimBackend.TORCH],
+                                                       rel=reorder_rtol(3 + 10))
     assert curves[OptimBackend.TORCH][-1] < curves[OptimBackend.TORCH][0]
 
 
@@ -220,6 +225,7 @@ def test_distributed_optimizer_on_cpu_is_refused(ps):
         build_optimizer([model], OptimConfig(backend=OptimBackend.MCORE, distributed=True), ps)
 
 
+@pytest.mark.numerics
 def test_masked_vocab_loss_ignores_tp_padding(ps):
     """The LOGITS-path SFT loss equals cross entropy over the real vocabulary only."""
     from megatron_ace.model.config import preset
@@ -239,5 +245,6 @@ def test_masked_vocab_loss_ignores_tp_padding(ps):
         padded_loss = float((padded * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
     got = forward_only([model], [batch], ps, loss_fn=masked_vocab_sft_loss(ps, vocab),
                        output=ModelOutput.LOGITS)["loss"]
-    assert got == pytest.approx(reference, rel=1e-6)
+    # Same logits, two log-softmax implementations: sums over the 128 columns in another order.
+    assert got == pytest.approx(reference, rel=reorder_rtol(128))
     assert abs(padded_loss - reference) > 1e-3  # the padding columns do change the NLL path
