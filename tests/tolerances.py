@@ -30,8 +30,9 @@ it. What guarantees what:
   same model (megatron-core at any TP/PP, HF transformers, the vLLM engine). log_softmax is
   2-Lipschitz in the largest logit difference; the logits of the tiny test models (hidden
   <= 128, <= 4 layers, |logit| <= ~10) carry a float32 rounding error of at most
-  ~depth * hidden * u * |logit| ~ 1e-5 per implementation (measured: <= 3e-6 megatron vs HF,
-  <= 3e-5 vLLM vs HF). A wrong mapping changes logprobs by 1e-1 to 5 (gate/up swapped: 3.7;
+  ~depth * hidden * u * |logit| ~ 1e-5 per implementation (measured 2026-12 on an AVX-512 Intel
+  CPU, default and AVX2 torch kernels: <= 3e-6 megatron vs HF, <= 6e-6 vLLM vs HF; 3e-5 vLLM vs
+  HF was seen on an AVX2-only AMD CPU). A wrong mapping changes logprobs by 1e-1 to 5 (gate/up swapped: 3.7;
   q/k/v concatenated instead of interleaved: 5.6), a stale weight version by > 1e-2; tests
   assert such a control is far above the bound wherever they can.
 """
