@@ -94,7 +94,9 @@ echo "[setup] creating $VENV with $PY from $LOCK via $INSTALLER" \
      "(~3.5 GB of wheels, 7 GB installed; a few minutes on a fresh machine)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 install_lock
-"$VENV/bin/python" -c "import torch, megatron.core, vllm, transformers, math_verify, megatron_ace" \
-  || { echo "[setup] error: the environment does not import" >&2; exit 1; }
+# (Its output, megatron-core's notes about absent GPU libraries, is shown only on failure.)
+if ! out=$("$VENV/bin/python" -c "import torch, megatron.core, vllm, transformers, math_verify, megatron_ace" 2>&1); then
+  echo "$out" >&2; echo "[setup] error: the environment does not import" >&2; exit 1
+fi
 echo "$want" > "$VENV/.ace-stamp"
 echo "[setup] done in $(( $(date +%s) - started )) s"
