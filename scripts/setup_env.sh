@@ -10,7 +10,7 @@
 #
 # Installer: uv (a pinned release, bootstrapped into .venv with pip) by default; ACE_INSTALLER=pip
 # uses pip for the same lock. From an empty cache both download the same ~3.5 GB of wheels; uv
-# installs them faster (measured on 2 cores: see docs/environment.md).
+# installs them faster (measured on 2 cores: README, Environment).
 # A stamp holding a hash of the inputs makes a re-run a no-op. Also installs the Debian packages
 # the tests use (bubblewrap for the code sandbox) when running as root and they are missing.
 set -euo pipefail
