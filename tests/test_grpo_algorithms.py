@@ -103,6 +103,7 @@ def _grad_of_split(logp, old, adv, mask, config, parts):
     return leaf.grad
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("parts", [2, 4, 8])
 def test_token_level_normalisation_is_split_invariant(parts):
     logp, old, _, adv, mask = _random_batch(7, B=8, T=13)
@@ -170,6 +171,7 @@ def test_kl_k3_is_nonnegative_and_zero_at_equality():
         policy_loss(logp, logp, torch.zeros(len(logp)), torch.ones_like(logp), PolicyLossConfig(kl_coef=0.1))
 
 
+@pytest.mark.numerics
 def test_metrics_reduce_over_micro_batches_like_the_whole_batch():
     logp, old, ref, adv, mask = _random_batch(5)
     config = PolicyLossConfig(kl_coef=0.1)
