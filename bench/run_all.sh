@@ -29,6 +29,7 @@ BENCHES=(
   "convert|--preset tiny --preset qwen2.5-0.5b"
   "rollout|"
   "weight_sync|"
+  "grpo_update|"
   "grpo_iteration|--steps 6"
 )
 
