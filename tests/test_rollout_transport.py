@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from megatron_ace.rollout import transport as T
+from megatron_ace.rollout.engine import Placement
 from megatron_ace.rollout.types import Sample, SampleStatus, SamplingConfig, request_seed
-from megatron_ace.rollout.weight_sync import WeightSyncConfig, iter_buckets, logprob_parity_metrics
+from megatron_ace.rollout.weight_sync import (
+    TransportChoice,
+    WeightSyncConfig,
+    iter_buckets,
+    logprob_parity_metrics,
+    module_grouper,
+    resolve_transport,
+)
 
 
 def _weights(seed: int = 0):
@@ -22,6 +30,8 @@ def _weights(seed: int = 0):
         ("d.scalar", torch.tensor(2.5)),
         ("e.weight", torch.randn(4, 6, generator=gen).t()),  # non-contiguous
         ("f.empty", torch.empty(0, 3)),
+        ("g.param", torch.nn.Parameter(torch.randn(3, 4, generator=gen))),  # needs grad
+        ("h.strided", torch.randn(6, 8, generator=gen)[::2, 1::3]),  # a strided view
     ]
 
 
@@ -88,6 +98,73 @@ def test_iter_buckets_is_lazy_and_rejects_non_tensors():
         WeightSyncConfig(bucket_bytes=0)
 
 
+def test_iter_buckets_keeps_module_groups_whole():
+    group_of = module_grouper({"qkv_proj": ["q_proj", "k_proj", "v_proj"]})
+    names = ["m.norm.weight", "m.a.q_proj.weight", "m.a.q_proj.bias", "m.a.k_proj.weight",
+             "m.a.v_proj.weight", "m.a.o_proj.weight", "m.b.q_proj.weight", "m.b.k_proj.weight",
+             "m.b.v_proj.weight", "m.out.weight"]
+    named = [(n, torch.zeros(10)) for n in names]  # 40 bytes each
+    buckets = list(iter_buckets(iter(named), bucket_bytes=120, group_of=group_of))
+    assert [n for b in buckets for n, _ in b] == names
+    assert [[n for n, _ in b] for b in buckets] == [
+        ["m.norm.weight"],  # the four q/k/v tensors of m.a would not fit after it: moved on whole
+        names[1:5],  # 160 bytes: a group larger than the bound travels alone
+        names[5:6], names[6:9], names[9:],
+    ]
+    # Without groups the same stream is cut wherever the bound falls.
+    assert [len(b) for b in iter_buckets(iter(named), bucket_bytes=120)] == [3, 3, 3, 1]
+
+
+def test_module_grouper_maps_packed_parts_to_their_module():
+    group_of = module_grouper({"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                               "gate_up_proj": ["gate_proj", "up_proj"]})
+    layer = "model.layers.3"
+    qkv = {group_of(f"{layer}.self_attn.{p}_proj.{w}") for p in "qkv" for w in ("weight", "bias")}
+    assert qkv == {f"{layer}.self_attn.qkv_proj"}
+    assert group_of(f"{layer}.mlp.up_proj.weight") == group_of(f"{layer}.mlp.gate_proj.weight")
+    assert group_of(f"{layer}.mlp.down_proj.weight") != group_of(f"{layer}.mlp.up_proj.weight")
+    assert group_of("model.layers.4.self_attn.q_proj.weight") != f"{layer}.self_attn.qkv_proj"
+    assert group_of("lm_head.weight") == "lm_head"
+
+
+# ---- transport choice ---------------------------------------------------------------------
+
+
+def test_resolve_transport():
+    cpu, gpu = dict(cuda_available=False), dict(cuda_available=True)
+    colocated, separate = Placement.COLOCATED, Placement.SEPARATE
+    assert resolve_transport("auto", placement=colocated, **cpu) is T.TransportKind.SHARED_MEMORY
+    assert resolve_transport("auto", placement=separate, **cpu) is T.TransportKind.SHARED_MEMORY
+    assert resolve_transport(TransportChoice.AUTO, placement=colocated, **gpu) \
+        is T.TransportKind.CUDA_IPC
+    assert resolve_transport("auto", placement=separate, **gpu) is T.TransportKind.NCCL
+    for kind in T.TransportKind:
+        assert resolve_transport(kind.value, placement=separate, **gpu) is kind
+    assert resolve_transport("bytes", placement=colocated, **cpu) is T.TransportKind.BYTES
+    with pytest.raises(ValueError, match="rollout.x: 'cuda_ipc' needs CUDA"):
+        resolve_transport("cuda_ipc", placement=colocated, field="rollout.x", **cpu)
+    with pytest.raises(ValueError, match="--transport: 'pigeon' is not one of: auto, bytes"):
+        resolve_transport("pigeon", placement=colocated, field="--transport", **cpu)
+    with pytest.raises(TypeError, match="WeightSyncConfig.transport must be a TransportKind"):
+        WeightSyncConfig(transport="bytes")
+    assert WeightSyncConfig().transport is T.TransportKind.SHARED_MEMORY
+
+
+def test_grpo_rollout_transport_setting():
+    from megatron_ace.config.base import from_dict
+    from megatron_ace.train.grpo_config import RolloutConfig
+
+    assert RolloutConfig().weight_sync_transport is TransportChoice.AUTO
+    assert from_dict(RolloutConfig, {"weight_sync_transport": "bytes"}).weight_sync_transport \
+        is TransportChoice.BYTES
+    with pytest.raises(ValueError, match="weight_sync_transport.*not one of"):
+        from_dict(RolloutConfig, {"weight_sync_transport": "carrier-pigeon"}, where="rollout")
+    with pytest.raises(ValueError, match="rollout.weight_sync_transport: 'nccl' needs an engine"):
+        RolloutConfig(weight_sync_transport=TransportChoice.NCCL)
+    with pytest.raises(TypeError, match="rollout.weight_sync_transport"):
+        RolloutConfig(weight_sync_transport="bytes")
+
+
 # ---- transports ---------------------------------------------------------------------------
 
 
@@ -97,7 +174,8 @@ def _round_trip(kind: T.TransportKind, **options):
     bucket = _weights()
     descriptor = sender.pack(bucket)
     got = receiver.unpack(descriptor)
-    sender.release(descriptor)
+    sender.release(descriptor, retained=receiver.loaded(descriptor))
+    sender.close()
     return bucket, descriptor, dict(got)
 
 
@@ -120,8 +198,81 @@ def test_cpu_transports_round_trip_exactly(kind, tmp_path):
         else:
             assert isinstance(v, (str, int, float, bytes)), type(v)
     if kind is T.TransportKind.SHARED_MEMORY:
-        assert os.listdir(tmp_path) == []  # released, yet the received views stay readable
+        assert os.listdir(tmp_path) == []  # closed, yet the received views stay readable
         assert torch.equal(got["c.weight"], bucket[2][1])
+
+
+def _shm(tmp_path, **options) -> T.SharedMemorySender:
+    return T.SharedMemorySender(T.SharedMemoryOptions(directory=str(tmp_path), **options))
+
+
+def _bucket(seed: int, numel: int = 1000):
+    return [("w", torch.randn(numel, generator=torch.Generator().manual_seed(seed)))]
+
+
+def test_shared_memory_reuses_a_file_unless_retained(tmp_path):
+    sender, receiver = _shm(tmp_path), T.SharedMemoryReceiver()
+    first = sender.pack(_bucket(0))
+    sender.release(first, retained=False)
+    second = sender.pack(_bucket(1))
+    assert second["path"] == first["path"] and sender.files_created == 1  # rewritten in place
+    views = receiver.unpack(second)
+    assert torch.equal(views[0][1], _bucket(1)[0][1])
+    sender.release(second, retained=receiver.loaded(second))  # a view is alive: retained
+    assert not os.path.exists(second["path"])  # retired: unlinked, never written again
+    third = sender.pack(_bucket(2))
+    assert third["path"] != second["path"] and sender.files_created == 2
+    assert torch.equal(views[0][1], _bucket(1)[0][1])  # the retained view still holds its bytes
+    sender.release(third)
+    big = sender.pack(_bucket(3, numel=5000))  # larger than the kept file: a new one
+    sender.release(big)
+    assert os.listdir(tmp_path) == [os.path.basename(big["path"])]  # the largest file is kept
+    assert sender.held_bytes == T.plan_layout(_bucket(3, numel=5000))[1]
+    sender.close()
+    assert os.listdir(tmp_path) == [] and sender.held_bytes == 0
+
+
+def test_shared_memory_two_files_in_flight_and_fresh_files(tmp_path):
+    sender = _shm(tmp_path, max_files=2, min_file_bytes=8000)
+    a, b = sender.pack(_bucket(0)), sender.pack(_bucket(1))  # b packed before a is released
+    assert a["path"] != b["path"] and sender.held_bytes == 2 * 8000
+    sender.release(a)
+    sender.release(b)
+    c, d = sender.pack(_bucket(2)), sender.pack(_bucket(3))
+    assert {c["path"], d["path"]} == {a["path"], b["path"]} and sender.files_created == 2
+    sender.release(c, retained=True)
+    sender.release(d)
+    assert len(os.listdir(tmp_path)) == 1
+    sender.close()
+    fresh = _shm(tmp_path, reuse_files=False)
+    e = fresh.pack(_bucket(4))
+    fresh.release(e)
+    assert os.listdir(tmp_path) == [] and fresh.held_bytes == 0
+    with pytest.raises(ValueError, match="SharedMemoryOptions.max_files"):
+        _shm(tmp_path, max_files=0)
+
+
+def test_shared_memory_receiver_counts_references(tmp_path):
+    sender, receiver = _shm(tmp_path), T.SharedMemoryReceiver()
+    descriptor = sender.pack(_weights())
+    views = receiver.unpack(descriptor)
+    derived = views[2][1][1:].t()  # a view of a view still references the mapping
+    del views
+    assert receiver.loaded(descriptor) is True
+    descriptor = sender.pack(_weights())
+    receiver.unpack(descriptor)  # dropped at once
+    assert receiver.loaded(descriptor) is False
+    assert receiver.loaded({"path": "never-unpacked"}) is False
+    del derived
+    sender.close()
+
+
+def test_a_forgotten_sender_leaves_no_files(tmp_path):
+    sender = _shm(tmp_path)
+    sender.release(sender.pack(_bucket(0)))
+    assert len(os.listdir(tmp_path)) == 1
+    del sender
+    assert os.listdir(tmp_path) == []
 
 
 def test_layout_is_aligned_for_every_dtype():

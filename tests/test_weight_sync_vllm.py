@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import closing
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from megatron_ace.rollout.engine import (
     VllmRolloutEngine,
     WeightSyncFatalError,
 )
-from megatron_ace.rollout.transport import TransportKind
+from megatron_ace.rollout.transport import SharedMemoryOptions, SharedMemorySender, TransportKind
 from megatron_ace.rollout.types import SamplingConfig
 from megatron_ace.rollout.weight_sync import WeightSyncConfig, WeightSyncer, logprob_parity_metrics
 
@@ -82,7 +83,8 @@ def test_sync_streams_new_weights_in_many_buckets(engine, model_dir):
     old = load_hf(model_dir)
     assert max_seq_diff(engine, old) < 1e-4
     new = perturbed(load_hf(model_dir), seed=1)
-    syncer = WeightSyncer(engine, WeightSyncConfig(bucket_bytes=SMALL_BUCKET))
+    config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, transport=TransportKind.BYTES)
+    syncer = WeightSyncer(engine, config)
     metrics = syncer.sync(named_weights(new))
 
     sizes = [p.numel() * p.element_size() for p in new.parameters()]
@@ -116,24 +118,107 @@ def test_sampled_logprobs_follow_the_new_weights_and_parity_metrics(engine, mode
     assert logprob_parity_metrics(stale, torch.cat(rollout))["parity/logp_abs_diff_max"] > 1e-2
 
 
+@pytest.mark.numerics
 def test_shared_memory_transport_with_shuffled_order(engine, model_dir, tmp_path):
+    """Shuffled names split modules across buckets, so the reload keeps tensors of a bucket
+    after it returns: those files must be retired, not rewritten (overlapped packing here)."""
     new = perturbed(load_hf(model_dir), seed=2)
-    config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, transport=TransportKind.SHARED_MEMORY,
+    config = WeightSyncConfig(bucket_bytes=2 * SMALL_BUCKET, transport=TransportKind.SHARED_MEMORY,
                               shm_dir=str(tmp_path))
-    metrics = WeightSyncer(engine, config).sync(named_weights(new, shuffle_seed=0), version=5)
+    syncer = WeightSyncer(engine, config)
+    assert syncer.overlaps
+    metrics = syncer.sync(named_weights(new, shuffle_seed=0), version=5)
     assert metrics.version == 5 and engine.weight_version == 5
     assert max_seq_diff(engine, new) < 1e-4
-    assert os.listdir(tmp_path) == []  # every bucket file was released
+    # Some buckets were retained (a new file after each), others reused (fewer files than
+    # buckets; a bucket larger than the kept file also gets a new one).
+    assert 2 < metrics.num_retained_buckets < metrics.num_buckets - 2
+    assert 1 + metrics.num_retained_buckets <= syncer.sender.files_created < metrics.num_buckets
+    assert 1 <= len(os.listdir(tmp_path)) <= 2  # files kept for reuse (two with overlap)
+    syncer.close()
+    assert os.listdir(tmp_path) == []
+
+
+class ReusesRetainedFiles(SharedMemorySender):
+    """A defect on purpose: rewrites bucket files the engine still references."""
+
+    def release(self, descriptor, retained=False):
+        super().release(descriptor, retained=False)
+
+
+@pytest.mark.numerics
+def test_rewriting_a_retained_file_would_corrupt_the_weights(engine, model_dir, tmp_path):
+    """Control for the test above: with the engine's `retained` answer ignored, the same
+    shuffled sync leaves wrong weights in the engine, so the parity check has teeth."""
+    new = perturbed(load_hf(model_dir), seed=6)
+    config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, shm_dir=str(tmp_path), overlap=False)
+    defective = ReusesRetainedFiles(SharedMemoryOptions(directory=str(tmp_path)))
+    WeightSyncer(engine, config, sender=defective).sync(named_weights(new, shuffle_seed=0))
+    assert max_seq_diff(engine, new) > 1e-2
+    defective.close()
+    # The real sender repairs it (and the module's engine holds version 5's weights again).
+    current = perturbed(load_hf(model_dir), seed=2)
+    with closing(WeightSyncer(engine, config)) as syncer:
+        syncer.sync(named_weights(current, shuffle_seed=1), version=engine.weight_version + 1)
+    assert max_seq_diff(engine, current) < 1e-4
+
+
+@pytest.mark.numerics
+def test_shared_memory_file_is_reused_across_syncs(engine, model_dir, tmp_path):
+    """Model order, one bucket at a time: after the first sync a new file is made only for a
+    bucket the engine kept (the tiny model's 1000-token vocabulary is padded by vLLM, so it
+    processes the embedding and the head only at the end; the Qwen2.5 vocabularies need no
+    padding), and each sync still delivers its own weights (no stale bytes from the reused
+    file)."""
+    config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, shm_dir=str(tmp_path), overlap=False)
+    with closing(WeightSyncer(engine, config)) as syncer:
+        created, retained = [], []
+        for seed in (7, 8, 2):  # ends on the weights the later tests expect (seed 2)
+            new = perturbed(load_hf(model_dir), seed=seed)
+            metrics = syncer.sync(named_weights(new))
+            assert max_seq_diff(engine, new) < 1e-4
+            created.append(syncer.sender.files_created)
+            retained.append(metrics.num_retained_buckets)
+            assert len(os.listdir(tmp_path)) == 1
+        assert metrics.num_buckets > 8 and retained == [2, 2, 2], retained
+        # Per later sync, a new file for each retained bucket and for no other.
+        assert [b - a for a, b in zip(created, created[1:])] == retained[1:], (created, retained)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.numerics
+def test_reference_reload_of_held_weights(engine, model_dir, tmp_path):
+    """The benchmark's floor: tensors held in the engine's process, then vLLM's reload alone.
+    It really loads them (the engine then matches them), and needs something held."""
+    held = perturbed(load_hf(model_dir), seed=9)
+    sender = SharedMemorySender(SharedMemoryOptions(directory=str(tmp_path), reuse_files=False))
+    descriptor = sender.pack(list(named_weights(held)))
+    held_count = engine.llm.collective_rpc("ace_hold_weights", args=(descriptor,))
+    assert held_count == [len(descriptor["entries"])]
+    sender.release(descriptor)
+    seconds = engine.llm.collective_rpc("ace_time_held_reload")
+    assert seconds[0] > 0
+    assert max_seq_diff(engine, held) < 1e-4
+    engine.llm.collective_rpc("ace_drop_held_weights")
+    with pytest.raises(Exception, match="no weights held"):
+        engine.llm.collective_rpc("ace_time_held_reload")
+    # Back to what the later tests expect (version 5's weights, served under a newer version).
+    current = perturbed(load_hf(model_dir), seed=2)
+    with closing(WeightSyncer(engine, WeightSyncConfig(shm_dir=str(tmp_path)))) as syncer:
+        syncer.sync(named_weights(current), version=engine.weight_version + 1)
+    assert max_seq_diff(engine, current) < 1e-4
 
 
 def test_stale_or_duplicate_version_is_refused_without_harm(engine, model_dir):
-    current = perturbed(load_hf(model_dir), seed=2)  # version 5
+    current = perturbed(load_hf(model_dir), seed=2)  # what the engine serves now
+    served = engine.weight_version
+    assert served >= 5
     syncer = WeightSyncer(engine, WeightSyncConfig())
     other = perturbed(load_hf(model_dir), seed=3)
-    for version in (5, 4):
+    for version in (served, served - 1):
         with pytest.raises(StaleWeightVersionError, match=f"version {version} refused"):
             syncer.sync(named_weights(other), version=version)
-    assert engine.weight_version == 5
+    assert engine.weight_version == served
     assert max_seq_diff(engine, current) < 1e-4
 
 
@@ -149,12 +234,12 @@ def test_missing_tensor_is_fatal(engine, model_dir):
 
 
 @pytest.mark.parametrize("bad", [
-    "wrong_shape",
-    # Each case needs an engine of its own (~5-15 s); these two run with the slow tests.
+    "wrong_shape",  # fails in the engine
+    "not_a_tensor",  # fails on the trainer side, in the thread that packs ahead
+    # Each case needs an engine of its own (~5-15 s); this one runs with the slow tests.
     pytest.param("unknown_name", marks=pytest.mark.slow),
-    pytest.param("not_a_tensor", marks=pytest.mark.slow),
 ])
-def test_bad_tensor_is_fatal(model_dir, bad):
+def test_bad_tensor_is_fatal(model_dir, bad, tmp_path):
     eng = VllmRolloutEngine(RolloutEngineConfig(model_path=str(model_dir), max_model_len=256))
     try:
         new = perturbed(load_hf(model_dir), seed=4)
@@ -171,10 +256,16 @@ def test_bad_tensor_is_fatal(model_dir, bad):
 
         expected = {"wrong_shape": "shape", "unknown_name": "not in the engine's checkpoint",
                     "not_a_tensor": "trainer side.*expected \\(str, torch.Tensor\\)"}[bad]
+        config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, shm_dir=str(tmp_path))
+        syncer = WeightSyncer(eng, config)
+        assert syncer.config.transport is TransportKind.SHARED_MEMORY and syncer.overlaps
         with pytest.raises(WeightSyncFatalError, match=expected):
-            WeightSyncer(eng, WeightSyncConfig(bucket_bytes=SMALL_BUCKET)).sync(weights())
+            syncer.sync(weights())
         with pytest.raises(EngineBrokenError):
             eng.sequence_logprobs(SEQS)
+        assert len(os.listdir(tmp_path)) <= 2  # nothing left busy: only files kept for reuse
+        syncer.close()
+        assert os.listdir(tmp_path) == []
     finally:
         eng.close()
 

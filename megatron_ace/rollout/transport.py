@@ -11,8 +11,9 @@ A transport has two halves behind one interface, chosen by `TransportKind` from 
 Kinds:
 - BYTES: the bucket serialised with safetensors into one `bytes` object. Works everywhere
   (in-process and multiprocess engines), costs one serialise and one parse copy.
-- SHARED_MEMORY: the bucket written into a fresh file under /dev/shm; the worker maps it
-  privately, so tensors are views on the mapping (no parse). Same machine only.
+- SHARED_MEMORY: the bucket written into a file under /dev/shm that is reused from bucket to
+  bucket and across syncs (one memcpy, no page faults once warm); the worker maps it privately,
+  so tensors are views on the mapping (no parse, no copy). Same machine only.
 - CUDA_IPC (colocated trainer and engine on the same GPUs): the bucket packed into one CUDA
   buffer whose IPC handle is sent, keyed by GPU UUID; the worker opens it and copies out. The
   pattern follows vLLM's own `ipc_engine` and verl's colocated sync; written here, exercised
@@ -33,7 +34,9 @@ import dataclasses
 import enum
 import os
 import pickle
+import threading
 import uuid
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -100,10 +103,13 @@ def plan_layout(bucket: NamedTensors) -> tuple[list[TensorEntry], int]:
 
 
 def pack_into(flat_U8: torch.Tensor, bucket: NamedTensors, entries: list[TensorEntry]) -> None:
-    """Copy each tensor's bytes into its slot of the flat uint8 buffer `flat_U8`."""
+    """Copy each tensor into its slot of the flat uint8 buffer `flat_U8`, straight from where
+    it lies (a parameter, a strided view, another device): one copy, no temporary."""
     for (_, tensor), entry in zip(bucket, entries, strict=True):
-        src = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        flat_U8[entry.offset : entry.offset + entry.nbytes].copy_(src, non_blocking=True)
+        if entry.nbytes == 0:
+            continue
+        slot = flat_U8[entry.offset : entry.offset + entry.nbytes]
+        slot.view(tensor.dtype).view(entry.shape).copy_(tensor.detach(), non_blocking=True)
 
 
 def views_of(flat_U8: torch.Tensor, entries: list[TensorEntry]) -> NamedTensors:
@@ -131,13 +137,18 @@ class BucketSender(abc.ABC):
     """Trainer side of a transport."""
 
     kind: ClassVar[TransportKind]
+    concurrent_pack: ClassVar[bool] = False
+    """`pack` may run in another thread while the engine loads the previous bucket (and while
+    `release` runs). The GPU kinds say False: that overlap is untested there."""
 
     @abc.abstractmethod
     def pack(self, bucket: NamedTensors) -> Descriptor:
         """Make `bucket` reachable by the engine; return its msgpack-safe descriptor."""
 
-    def release(self, descriptor: Descriptor) -> None:
-        """Free what `pack` allocated for this descriptor (the engine has loaded it)."""
+    def release(self, descriptor: Descriptor, retained: bool = False) -> None:
+        """Free what `pack` allocated for this descriptor (the engine has loaded it, or failed).
+        `retained`: the engine still references the bucket's memory (see
+        `BucketReceiver.loaded`), so it must not be reused."""
 
     def init_info(self) -> dict[str, Any]:
         """What each receiver needs to connect (empty for connection-less transports)."""
@@ -160,6 +171,13 @@ class BucketReceiver(abc.ABC):
         """Tensors of one bucket. They must stay valid after the sender's `release`: vLLM's
         layerwise reload keeps them until every weight of their layer has arrived."""
 
+    def loaded(self, descriptor: Descriptor) -> bool:
+        """Called once the engine has loaded the bucket `unpack` gave and dropped its own
+        references to the tensors. True when something still references memory the sender
+        owns (then the sender must not reuse it); False for transports whose tensors are the
+        receiver's own."""
+        return False
+
 
 # ---------------------------------------------------------------------------------------------
 # BYTES: safetensors-serialised bucket
@@ -167,6 +185,7 @@ class BucketReceiver(abc.ABC):
 
 class BytesSender(BucketSender):
     kind = TransportKind.BYTES
+    concurrent_pack = True  # no state between calls
 
     def pack(self, bucket: NamedTensors) -> Descriptor:
         from safetensors.torch import save
@@ -195,58 +214,187 @@ class BytesReceiver(BucketReceiver):
 
 
 # ---------------------------------------------------------------------------------------------
-# SHARED_MEMORY: one tmpfs file per bucket
+# SHARED_MEMORY: tmpfs files, reused across buckets and syncs
 
 
 @dataclasses.dataclass(kw_only=True)
 class SharedMemoryOptions:
     directory: str = "/dev/shm"
     """tmpfs directory for bucket files; must be visible to the engine's workers."""
+    reuse_files: bool = True
+    """Keep bucket files (and the sender's mappings of them) from one bucket to the next and
+    across syncs: their pages are allocated and faulted in once, so packing a bucket is one
+    memcpy (a fresh tmpfs file costs ~3x that in page allocation, zeroing and freeing). The
+    files, each about max(bucket, largest tensor), stay in tmpfs until `close()`. False: a
+    fresh file per bucket, unlinked once loaded (nothing held between syncs)."""
+    max_files: int = 1
+    """Files kept for reuse: 1 when buckets go one at a time, 2 when the next bucket is packed
+    while the engine loads the current one."""
+    min_file_bytes: int = 0
+    """Smallest size of a new file: the bucket bound, so that any later bucket fits a kept file
+    (tmpfs allocates a page only when it is first written)."""
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.directory):
             raise ValueError(f"SharedMemoryOptions.directory: {self.directory!r} is not a directory")
+        if self.max_files < 1:
+            raise ValueError(f"SharedMemoryOptions.max_files must be >= 1, got {self.max_files}")
+        if self.min_file_bytes < 0:
+            raise ValueError(
+                f"SharedMemoryOptions.min_file_bytes must be >= 0, got {self.min_file_bytes}")
+
+
+@dataclasses.dataclass
+class _ShmFile:
+    """A bucket file and the sender's shared mapping of it."""
+
+    path: str
+    flat_U8: torch.Tensor
 
 
 class SharedMemorySender(BucketSender):
+    """Writes each bucket into a tmpfs file that the engine maps.
+
+    With `reuse_files`, files serve bucket after bucket and sync after sync. A file is written
+    again only after the engine has reported (`release(..., retained=False)`) that nothing of
+    its previous bucket is referenced any more. A retained file is retired instead: unlinked,
+    never written again, freed by the kernel once the engine drops its mapping (vLLM's
+    layerwise reload keeps a module's first tensors until its last one arrives, so a module
+    split across buckets pins the first part; `iter_buckets` avoids such cuts in model order).
+    A bucket larger than every idle file gets a new file of its size; of the idle files, the
+    largest `max_files` are kept.
+    """
+
     kind = TransportKind.SHARED_MEMORY
+    concurrent_pack = True  # the file bookkeeping is locked; each bucket has its own file
 
     def __init__(self, options: SharedMemoryOptions | None = None) -> None:
         self.options = options or SharedMemoryOptions()
+        self._lock = threading.Lock()
+        self._idle: list[_ShmFile] = []
+        """Reusable files holding no bucket, at most `max_files`."""
+        self._busy: dict[str, _ShmFile] = {}
+        """Files holding a bucket the engine has not released yet, by path."""
+        self.files_created = 0
+        """Bucket files created so far (1 or 2 after any number of syncs when all were reused)."""
+        self._paths: set[str] = set()
+        # Files outlive a sync: remove them even if the owner forgets `close()` or the
+        # interpreter exits on an exception.
+        self._finalizer = weakref.finalize(self, _unlink_all, self._paths)
+
+    @property
+    def held_bytes(self) -> int:
+        """tmpfs bytes of this sender's files now (between syncs: the files kept for reuse)."""
+        with self._lock:
+            return sum(f.flat_U8.numel() for f in [*self._busy.values(), *self._idle])
+
+    def _new_file(self, nbytes: int) -> _ShmFile:
+        path = os.path.join(self.options.directory, f"ace-bucket-{os.getpid()}-{uuid.uuid4().hex}")
+        self._paths.add(path)
+        storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=nbytes)
+        self.files_created += 1
+        return _ShmFile(path, torch.empty(0, dtype=torch.uint8).set_(storage))
+
+    def _unlink(self, path: str) -> None:
+        self._paths.discard(path)
+        _unlink_all([path])
+
+    def _take_file(self, total: int) -> _ShmFile:
+        """The smallest idle file that fits, else a new one."""
+        with self._lock:
+            fitting = [f for f in self._idle if f.flat_U8.numel() >= total]
+            if fitting:
+                shm = min(fitting, key=lambda f: f.flat_U8.numel())
+                self._idle.remove(shm)
+            else:
+                shm = self._new_file(max(total, self.options.min_file_bytes, 1))
+            self._busy[shm.path] = shm
+            return shm
 
     def pack(self, bucket: NamedTensors) -> Descriptor:
         entries, total = plan_layout(bucket)
-        path = os.path.join(self.options.directory, f"ace-bucket-{os.getpid()}-{uuid.uuid4().hex}")
-        storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=max(total, 1))
-        flat_U8 = torch.empty(0, dtype=torch.uint8).set_(storage)
-        pack_into(flat_U8, [(n, t.to("cpu")) for n, t in bucket], entries)
-        del flat_U8, storage  # MAP_SHARED: the bytes are in the file once copied
+        if self.options.reuse_files:
+            shm = self._take_file(total)
+        else:
+            with self._lock:
+                shm = self._new_file(max(total, 1))
+        pack_into(shm.flat_U8, bucket, entries)
+        # Without reuse the mapping goes with `shm` (MAP_SHARED: the bytes are in the file).
         return {
             "kind": self.kind.value,
-            "path": path,
+            "path": shm.path,
             "total_bytes": total,
             "entries": [e.to_wire() for e in entries],
         }
 
-    def release(self, descriptor: Descriptor) -> None:
+    def release(self, descriptor: Descriptor, retained: bool = False) -> None:
         # Unlinking is safe while the worker still maps the file: tmpfs keeps the pages until
         # the last mapping goes, and no one else can open it any more.
+        with self._lock:
+            shm = self._busy.pop(descriptor["path"], None)
+            if shm is None or retained:
+                self._unlink(descriptor["path"])
+                return
+            # Keep the largest `max_files` idle files: any bucket fits one of them next time.
+            self._idle.append(shm)
+            self._idle.sort(key=lambda f: f.flat_U8.numel(), reverse=True)
+            for extra in self._idle[self.options.max_files:]:
+                self._unlink(extra.path)
+            del self._idle[self.options.max_files:]
+
+    def close(self) -> None:
+        with self._lock:
+            self._busy.clear()
+            self._idle.clear()
+            self._finalizer()
+
+
+def _unlink_all(paths) -> None:
+    for path in list(paths):
         try:
-            os.unlink(descriptor["path"])
+            os.unlink(path)
         except FileNotFoundError:
             pass
+    if isinstance(paths, set):
+        paths.clear()
 
 
 class SharedMemoryReceiver(BucketReceiver):
     kind = TransportKind.SHARED_MEMORY
 
+    def __init__(self) -> None:
+        self._mapped: dict[str, tuple[torch.UntypedStorage, int]] = {}
+        """Mapping of each unpacked, not yet `loaded` bucket file, with its reference count
+        before any tensor viewed it."""
+
     def unpack(self, descriptor: Descriptor) -> NamedTensors:
         total = int(descriptor["total_bytes"])
-        # shared=False maps the file copy-on-write: views need no parse and no copy, and they
-        # stay valid after the sender unlinks the file.
+        # shared=False maps the file copy-on-write: views need no parse and no copy, nothing the
+        # engine does can write into the sender's file, and the views stay valid after the
+        # sender unlinks it.
         storage = torch.UntypedStorage.from_file(descriptor["path"], shared=False, nbytes=max(total, 1))
+        self._mapped[descriptor["path"]] = (storage, _storage_use_count(storage))
         flat_U8 = torch.empty(0, dtype=torch.uint8).set_(storage)
         return views_of(flat_U8, _entries(descriptor))
+
+    def loaded(self, descriptor: Descriptor) -> bool:
+        storage, base = self._mapped.pop(descriptor["path"], (None, 0))
+        if storage is None:
+            return False
+        count = _storage_use_count(storage)
+        return count is None or base is None or count > base
+
+
+def _storage_use_count(storage: torch.UntypedStorage) -> int | None:
+    """How many tensors and handles share `storage` (None where torch does not say: then every
+    bucket counts as retained, which is safe and only costs the file reuse)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    try:
+        return int(count(storage._cdata))
+    except (AttributeError, RuntimeError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +434,7 @@ class CudaIpcSender(BucketSender):
             "entries": [e.to_wire() for e in entries],
         }
 
-    def release(self, descriptor: Descriptor) -> None:
+    def release(self, descriptor: Descriptor, retained: bool = False) -> None:
         self._live.pop(descriptor["key"], None)
 
 
@@ -387,7 +535,7 @@ class NcclSender(BucketSender):
         return {"kind": self.kind.value, "key": key, "total_bytes": total,
                 "entries": [e.to_wire() for e in entries]}
 
-    def release(self, descriptor: Descriptor) -> None:
+    def release(self, descriptor: Descriptor, retained: bool = False) -> None:
         torch.cuda.current_stream().synchronize()
         self._live.pop(descriptor["key"], None)
 
