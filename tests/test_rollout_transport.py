@@ -213,10 +213,11 @@ def _bucket(seed: int, numel: int = 1000):
 def test_shared_memory_reuses_a_file_unless_retained(tmp_path):
     sender, receiver = _shm(tmp_path), T.SharedMemoryReceiver()
     first = sender.pack(_bucket(0))
-    sender.release(first, retained=False)
+    assert torch.equal(receiver.unpack(first)[0][1], _bucket(0)[0][1])
+    sender.release(first, retained=receiver.loaded(first))  # no view left: not retained
     second = sender.pack(_bucket(1))
     assert second["path"] == first["path"] and sender.files_created == 1  # rewritten in place
-    views = receiver.unpack(second)
+    views = receiver.unpack(second)  # through the mapping the receiver kept: the new bytes
     assert torch.equal(views[0][1], _bucket(1)[0][1])
     sender.release(second, retained=receiver.loaded(second))  # a view is alive: retained
     assert not os.path.exists(second["path"])  # retired: unlinked, never written again
@@ -230,6 +231,10 @@ def test_shared_memory_reuses_a_file_unless_retained(tmp_path):
     assert sender.held_bytes == T.plan_layout(_bucket(3, numel=5000))[1]
     sender.close()
     assert os.listdir(tmp_path) == [] and sender.held_bytes == 0
+    fresh = _shm(tmp_path, reuse_files=False)
+    receiver.unpack(fresh.pack(_bucket(4)))  # the next unpack forgets files that are gone
+    assert receiver._kept == {}
+    fresh.close()
 
 
 def test_shared_memory_two_files_in_flight_and_fresh_files(tmp_path):

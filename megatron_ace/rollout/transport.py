@@ -12,7 +12,7 @@ Kinds:
 - BYTES: the bucket serialised with safetensors into one `bytes` object. Works everywhere
   (in-process and multiprocess engines), costs one serialise and one parse copy.
 - SHARED_MEMORY: the bucket written into a file under /dev/shm that is reused from bucket to
-  bucket and across syncs (one memcpy, no page faults once warm); the worker maps it privately,
+  bucket and across syncs (one memcpy, no page faults once warm); the worker keeps it mapped,
   so tensors are views on the mapping (no parse, no copy). Same machine only.
 - CUDA_IPC (colocated trainer and engine on the same GPUs): the bucket packed into one CUDA
   buffer whose IPC handle is sent, keyed by GPU UUID; the worker opens it and copies out. The
@@ -324,6 +324,8 @@ class SharedMemorySender(BucketSender):
             "kind": self.kind.value,
             "path": shm.path,
             "total_bytes": total,
+            "file_bytes": shm.flat_U8.numel(),
+            "reused": self.options.reuse_files,
             "entries": [e.to_wire() for e in entries],
         }
 
@@ -360,29 +362,54 @@ def _unlink_all(paths) -> None:
 
 
 class SharedMemoryReceiver(BucketReceiver):
+    """Maps bucket files and hands out views on them (no parse, no copy).
+
+    A file the sender keeps for reuse stays mapped here too (shared, so its rewrites show),
+    which spares the page-table set-up and tear-down of a fresh mapping per bucket; such a
+    mapping is dropped once the sender unlinks its file (checked at every `unpack`) or once a
+    bucket in it is retained (the sender retires that file; the views keep what they need).
+    A one-off file is mapped copy-on-write for its bucket only.
+    """
+
     kind = TransportKind.SHARED_MEMORY
 
     def __init__(self) -> None:
-        self._mapped: dict[str, tuple[torch.UntypedStorage, int]] = {}
-        """Mapping of each unpacked, not yet `loaded` bucket file, with its reference count
-        before any tensor viewed it."""
+        self._kept: dict[str, torch.UntypedStorage] = {}
+        """Mappings of the sender's reused files, by path."""
+        self._open: dict[str, tuple[torch.UntypedStorage, int | None]] = {}
+        """Mapping of each unpacked, not yet `loaded` bucket, with its reference count before
+        any tensor viewed it."""
+
+    def _storage(self, descriptor: Descriptor) -> torch.UntypedStorage:
+        path, total = descriptor["path"], int(descriptor["total_bytes"])
+        for stale in [p for p in self._kept if not os.path.exists(p)]:
+            del self._kept[stale]  # the sender unlinked it: the mapping is all that holds it
+        if not descriptor.get("reused"):
+            # Copy-on-write: nothing the engine does can write into the sender's file, and the
+            # views stay valid after the sender unlinks it.
+            return torch.UntypedStorage.from_file(path, shared=False, nbytes=max(total, 1))
+        storage = self._kept.get(path)
+        if storage is None or storage.nbytes() < total:
+            file_bytes = max(int(descriptor.get("file_bytes", total)), total, 1)
+            storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=file_bytes)
+            self._kept[path] = storage
+        return storage
 
     def unpack(self, descriptor: Descriptor) -> NamedTensors:
-        total = int(descriptor["total_bytes"])
-        # shared=False maps the file copy-on-write: views need no parse and no copy, nothing the
-        # engine does can write into the sender's file, and the views stay valid after the
-        # sender unlinks it.
-        storage = torch.UntypedStorage.from_file(descriptor["path"], shared=False, nbytes=max(total, 1))
-        self._mapped[descriptor["path"]] = (storage, _storage_use_count(storage))
+        storage = self._storage(descriptor)
+        self._open[descriptor["path"]] = (storage, _storage_use_count(storage))
         flat_U8 = torch.empty(0, dtype=torch.uint8).set_(storage)
         return views_of(flat_U8, _entries(descriptor))
 
     def loaded(self, descriptor: Descriptor) -> bool:
-        storage, base = self._mapped.pop(descriptor["path"], (None, 0))
+        storage, base = self._open.pop(descriptor["path"], (None, None))
         if storage is None:
             return False
         count = _storage_use_count(storage)
-        return count is None or base is None or count > base
+        retained = count is None or base is None or count > base
+        if retained:
+            self._kept.pop(descriptor["path"], None)  # the sender retires this file
+        return retained
 
 
 def _storage_use_count(storage: torch.UntypedStorage) -> int | None:

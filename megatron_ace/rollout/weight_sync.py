@@ -1,8 +1,9 @@
 """Stream the trainer's full HF-named weights into a running rollout engine, in buckets.
 
 `WeightSyncer.sync(named_tensors)` consumes an *iterator* of `(hf_name, tensor)` pairs (the
-trainer's gather of its TP/PP shards yields them one at a time), so neither side ever holds the
-whole model: at most one bucket of `bucket_bytes` is in flight. The steps, in order:
+trainer's gather of its TP/PP shards yields them one at a time; at TP1 they are views of the
+parameters, packed straight into the transport's buffer), so neither side ever holds the whole
+model: at most `bucket_bytes` are in flight. The steps, in order:
 
 1. version   - the new version must be newer than the engine's: a stale update would silently
                roll the policy back, so it is refused before anything is touched.
@@ -11,8 +12,11 @@ whole model: at most one bucket of `bucket_bytes` is in flight. The steps, in or
                (KV cache stays released, so the peak is weights + one bucket).
 3. begin     - the engine sets its layers aside for a layerwise reload (checkpoint format, so
                backends that repack weights, like vLLM's CPU one, reprocess them).
-4. buckets   - pack a bucket, the engine loads it, the sender frees or reuses its memory: peak
-               memory is one bucket (a reused shared-memory file is held between syncs).
+4. buckets   - pack a bucket while the engine loads the previous one; once loaded, the sender
+               frees or reuses its memory (never while the engine still references it).
+               A module's tensors (q/k/v, gate/up) stay in one bucket, so the engine's
+               layerwise reload finishes each module within its bucket. Peak memory: one
+               bucket's worth (the shared-memory files are also kept between syncs).
 5. finish    - the engine checks every tensor arrived and records the version.
 6. reset     - prefix-cache KV was computed with the old weights, so it is dropped.
 7. resume    - a colocated engine gets its KV cache back and can generate again.
