@@ -19,8 +19,10 @@ engine reload), the path the GRPO loop runs every step. Per bucket size and tran
 - baseline, measured in the same process: a plain memory copy of the same number of bytes
   (256 MiB blocks, larger than any cache, so it streams from DRAM).
 
-Rounds interleave the cases and the floor (sync A, sync B, ..., floor; repeat), so load from
-other jobs on the machine hits them alike; the ratios are what to read.
+Each sync is paired with a floor measured right before it, in rounds over all the cases, so
+load from other jobs on the machine hits both alike: `sync_over_floor` is the median of the
+paired ratios (and `best_sync_over_best_floor` the ratio of the best times); the ratios are
+what to read.
 
     python bench/bench_weight_sync.py --out bench/out/weight_sync.json          # short: 0.5B, TP1
     python bench/bench_weight_sync.py --full --out bench/out/weight_sync.json   # the sweep
@@ -59,8 +61,20 @@ DEFAULT_DTYPE = {"tiny": "float32", "qwen2.5-0.5b": "bfloat16"}
 GOAL = {"preset": "qwen2.5-0.5b", "tp": 1, "dtype": "bfloat16", "transport": "shared_memory",
         "max_sync_over_floor": 1.3}
 HOLD_BUCKET_BYTES = 256 * MiB
-FRESH_SHM = "shared_memory_fresh"
-TRANSPORTS = ("bytes", "shared_memory", FRESH_SHM)
+TRANSPORTS = ("bytes", "shared_memory", "shared_memory_serial", "shared_memory_fresh")
+"""Transports, and shared-memory variants that show what each step buys in the same run."""
+
+
+def _variants() -> dict[str, dict]:
+    from megatron_ace.rollout.transport import TransportKind
+
+    shm = TransportKind.SHARED_MEMORY
+    return {
+        # Files reused, but one bucket at a time (no packing while the engine loads).
+        "shared_memory_serial": {"transport": shm, "overlap": False},
+        # A fresh file per bucket, one bucket at a time: the transport as it first was.
+        "shared_memory_fresh": {"transport": shm, "overlap": False, "shm_reuse_files": False},
+    }
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -245,49 +259,53 @@ def _make_syncers(case: Case, engine, ps) -> dict[tuple[str, float], object]:
     from megatron_ace.rollout.weight_sync import WeightSyncConfig, WeightSyncer
 
     keys = [(t, b) for t in case.transports for b in case.buckets_mb]
+    variants = _variants()
     if ps.rank != 0:
         return dict.fromkeys(keys)
-    # FRESH_SHM: shared memory with a new file per bucket (the behaviour before files were
-    # reused), to show what the reuse buys in the same run.
-    return {(t, b): WeightSyncer(engine, WeightSyncConfig(
-                bucket_bytes=int(b * MiB), shm_reuse_files=t != FRESH_SHM,
-                transport=TransportKind("shared_memory" if t == FRESH_SHM else t)))
+    def options(t: str) -> dict:
+        return variants[t] if t in variants else {"transport": TransportKind(t)}
+
+    return {(t, b): WeightSyncer(engine, WeightSyncConfig(bucket_bytes=int(b * MiB), **options(t)))
             for t, b in keys}
 
 
 def _measure_rounds(case: Case, engine, model, cfg, ps) -> tuple[list[dict], list[float]]:
-    """Round 0 warms up; each later round runs every (transport, bucket) once, then the
-    floor once. Returns the rows (rank 0) and the timed floors."""
+    """Round 0 warms up; each later round runs, for every (transport, bucket), the floor and
+    then the sync, so each sync has a floor measured right before it (the load from other
+    jobs drifts slowly compared with the ~1-2 s pair). Returns the rows (rank 0) and every
+    timed floor."""
     syncers = _make_syncers(case, engine, ps)
     runs: dict[tuple[str, float], list] = {k: [] for k in syncers}
-    floors: list[float] = []
+    paired: dict[tuple[str, float], list[float]] = {k: [] for k in syncers}
     version = 0
     try:
-        for round_index in range(case.repeats + 1):
+        for _ in range(case.repeats + 1):
             for key, syncer in syncers.items():
                 version += 1
+                floor = _floor_seconds(engine) if ps.rank == 0 else 0.0
                 runs[key].append(_timed_sync(syncer, model, cfg, ps, version))
-            if ps.rank == 0:
-                floor = _floor_seconds(engine)
-                if round_index:
-                    floors.append(floor)
-        rows = [_row(key, syncers[key], runs[key]) for key in syncers]
+                paired[key].append(floor)
+        rows = [_row(key, syncers[key], runs[key], paired[key]) for key in syncers]
     finally:
         for syncer in syncers.values():
             if syncer is not None:
                 syncer.close()
-    return rows, floors
+    return rows, [f for k in syncers for f in paired[k][1:]]
 
 
-def _row(key: tuple[str, float], syncer, runs: list) -> dict:
+def _row(key: tuple[str, float], syncer, runs: list, floors: list[float]) -> dict:
     transport, bucket_mb = key
-    timed = runs[1:]
+    timed, floors = runs[1:], floors[1:]
     metrics = timed[-1][1] or {}
     sender = getattr(syncer, "sender", None)
+    sync_s = [r[0] for r in timed]
     return {"transport": transport, "bucket_mb": bucket_mb,
-            "sync_s": statistics.median(r[0] for r in timed),
-            "sync_runs_s": [r[0] for r in timed], "first_sync_s": runs[0][0],
+            "sync_s": statistics.median(sync_s), "sync_runs_s": sync_s,
+            "floor_runs_s": floors, "first_sync_s": runs[0][0],
+            "sync_over_floor": statistics.median(s / f for s, f in zip(sync_s, floors)),
+            "best_sync_over_best_floor": min(sync_s) / min(floors),
             "num_buckets": metrics.get("num_buckets"),
+            "num_retained_buckets": metrics.get("num_retained_buckets"),
             "peak_bucket_bytes": metrics.get("peak_bucket_bytes"),
             "peak_extra_rss_bytes": max(r[2] for r in timed),
             "held_shm_bytes": getattr(sender, "held_bytes", 0),
@@ -334,7 +352,6 @@ def _record(case: Case, cfg, rows: list[dict], floors: list[float], held: int,
     for row in rows:
         row["gb_per_s"] = num_bytes / 1e9 / row["sync_s"]
         row["sync_over_memcpy"] = row["sync_s"] / copy_s
-        row["sync_over_floor"] = row["sync_s"] / floor_s
         memory = row["peak_extra_rss_bytes"] + row["held_shm_bytes"]
         row["peak_extra_over_bucket"] = memory / (row["bucket_mb"] * MiB)
     return {"preset": case.preset, "tp": case.tp, "dtype": case.dtype, "num_bytes": num_bytes,
@@ -437,9 +454,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket-mb", type=float, nargs="+", default=None,
                    help="bucket sizes in MiB (default per preset)")
     p.add_argument("--transport", nargs="+", default=list(TRANSPORTS), choices=TRANSPORTS,
-                   help=f"{FRESH_SHM}: shared memory with a new file per bucket (no reuse)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed rounds (each: every sync once, then the floor once)")
+                   help="shared_memory_serial: no packing while the engine loads; "
+                        "shared_memory_fresh: that, and a new file per bucket")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds (each: every sync once, each after a floor)")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per case")
     p.add_argument("--out", type=Path, default=Path("bench_weight_sync.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
