@@ -102,6 +102,8 @@ def test_weight_sync_bench_tiny_tp1(tmp_path):
         assert row["gb_per_s"] == pytest.approx(case["num_bytes"] / 1e9 / row["sync_s"])
         (sync,), (floor,) = row["sync_runs_s"], row["floor_runs_s"]  # one round each
         assert row["sync_over_floor"] == pytest.approx(sync / floor)
+        (sync_cpu,), (floor_cpu,) = row["sync_cpu_runs_s"], row["floor_cpu_runs_s"]
+        assert sync_cpu > 0 and floor_cpu > 0  # the engine's process is a child: counted
     # The floor reloaded every tensor the engine loads (the tiny model's head is not tied).
     assert case["engine_reload_floor_s"] > 0 and len(case["engine_reload_floor_runs_s"]) == 2
     assert case["floor_num_tensors"] == len(hf_shapes(preset("tiny")))
