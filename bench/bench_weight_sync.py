@@ -23,8 +23,8 @@ Each sync is paired with a floor measured right before it, in rounds over all th
 load from other jobs on the machine hits both alike: `sync_over_floor` is the median of the
 paired ratios (and `best_sync_over_best_floor` the ratio of the best times); the ratios are
 what to read. `cpu_over_floor_cpu` compares CPU time (rank 0 and the engine's process, every
-thread) instead, which an overloaded machine inflates much less than wall time; packing that
-overlaps the engine's loading costs CPU time but no wall time when a core is free.
+thread) instead, which an overloaded machine inflates much less than wall time (packing that
+overlaps the engine's loading would cost CPU time but no wall time if a core were free).
 
     python bench/bench_weight_sync.py --out bench/out/weight_sync.json          # short: 0.5B, TP1
     python bench/bench_weight_sync.py --full --out bench/out/weight_sync.json   # the sweep
@@ -63,7 +63,7 @@ DEFAULT_DTYPE = {"tiny": "float32", "qwen2.5-0.5b": "bfloat16"}
 GOAL = {"preset": "qwen2.5-0.5b", "tp": 1, "dtype": "bfloat16", "transport": "shared_memory",
         "max_sync_over_floor": 1.3}
 HOLD_BUCKET_BYTES = 256 * MiB
-TRANSPORTS = ("bytes", "shared_memory", "shared_memory_serial", "shared_memory_fresh")
+TRANSPORTS = ("bytes", "shared_memory", "shared_memory_overlap", "shared_memory_fresh")
 """Transports, and shared-memory variants that show what each step buys in the same run."""
 
 
@@ -72,10 +72,10 @@ def _variants() -> dict[str, dict]:
 
     shm = TransportKind.SHARED_MEMORY
     return {
-        # Files reused, but one bucket at a time (no packing while the engine loads).
-        "shared_memory_serial": {"transport": shm, "overlap": False},
-        # A fresh file per bucket, one bucket at a time: the transport as it first was.
-        "shared_memory_fresh": {"transport": shm, "overlap": False, "shm_reuse_files": False},
+        # The next bucket packed while the engine loads the current one (two files).
+        "shared_memory_overlap": {"transport": shm, "overlap": True},
+        # A fresh file per bucket: the transport as it first was.
+        "shared_memory_fresh": {"transport": shm, "shm_reuse_files": False},
     }
 
 
@@ -483,8 +483,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket-mb", type=float, nargs="+", default=None,
                    help="bucket sizes in MiB (default per preset)")
     p.add_argument("--transport", nargs="+", default=list(TRANSPORTS), choices=TRANSPORTS,
-                   help="shared_memory_serial: no packing while the engine loads; "
-                        "shared_memory_fresh: that, and a new file per bucket")
+                   help="shared_memory_overlap: the next bucket packed while the engine "
+                        "loads; shared_memory_fresh: a new file per bucket")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed rounds (each: every sync once, each after a floor)")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per case")

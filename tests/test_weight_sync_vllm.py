@@ -124,7 +124,7 @@ def test_shared_memory_transport_with_shuffled_order(engine, model_dir, tmp_path
     after it returns: those files must be retired, not rewritten (overlapped packing here)."""
     new = perturbed(load_hf(model_dir), seed=2)
     config = WeightSyncConfig(bucket_bytes=2 * SMALL_BUCKET, transport=TransportKind.SHARED_MEMORY,
-                              shm_dir=str(tmp_path))
+                              shm_dir=str(tmp_path), overlap=True)
     syncer = WeightSyncer(engine, config)
     assert syncer.overlaps
     metrics = syncer.sync(named_weights(new, shuffle_seed=0), version=5)
@@ -151,7 +151,7 @@ def test_rewriting_a_retained_file_would_corrupt_the_weights(engine, model_dir, 
     """Control for the test above: with the engine's `retained` answer ignored, the same
     shuffled sync leaves wrong weights in the engine, so the parity check has teeth."""
     new = perturbed(load_hf(model_dir), seed=6)
-    config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, shm_dir=str(tmp_path), overlap=False)
+    config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, shm_dir=str(tmp_path))
     defective = ReusesRetainedFiles(SharedMemoryOptions(directory=str(tmp_path)))
     WeightSyncer(engine, config, sender=defective).sync(named_weights(new, shuffle_seed=0))
     assert max_seq_diff(engine, new) > 1e-2
@@ -170,7 +170,7 @@ def test_shared_memory_file_is_reused_across_syncs(engine, model_dir, tmp_path):
     processes the embedding and the head only at the end; the Qwen2.5 vocabularies need no
     padding), and each sync still delivers its own weights (no stale bytes from the reused
     file)."""
-    config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, shm_dir=str(tmp_path), overlap=False)
+    config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, shm_dir=str(tmp_path))
     with closing(WeightSyncer(engine, config)) as syncer:
         created, retained = [], []
         for seed in (7, 8, 2):  # ends on the weights the later tests expect (seed 2)
@@ -256,7 +256,7 @@ def test_bad_tensor_is_fatal(model_dir, bad, tmp_path):
 
         expected = {"wrong_shape": "shape", "unknown_name": "not in the engine's checkpoint",
                     "not_a_tensor": "trainer side.*expected \\(str, torch.Tensor\\)"}[bad]
-        config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, shm_dir=str(tmp_path))
+        config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, shm_dir=str(tmp_path), overlap=True)
         syncer = WeightSyncer(eng, config)
         assert syncer.config.transport is TransportKind.SHARED_MEMORY and syncer.overlaps
         with pytest.raises(WeightSyncFatalError, match=expected):

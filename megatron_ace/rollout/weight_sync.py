@@ -12,8 +12,9 @@ model: at most `bucket_bytes` are in flight. The steps, in order:
                (KV cache stays released, so the peak is weights + one bucket).
 3. begin     - the engine sets its layers aside for a layerwise reload (checkpoint format, so
                backends that repack weights, like vLLM's CPU one, reprocess them).
-4. buckets   - pack a bucket while the engine loads the previous one; once loaded, the sender
-               frees or reuses its memory (never while the engine still references it).
+4. buckets   - pack a bucket (optionally while the engine loads the previous one); once
+               loaded, the sender frees or reuses its memory (never while the engine still
+               references it).
                A module's tensors (q/k/v, gate/up) stay in one bucket, so the engine's
                layerwise reload finishes each module within its bucket. Peak memory: one
                bucket's worth (the shared-memory files are also kept between syncs).
@@ -102,9 +103,12 @@ class WeightSyncConfig:
     (separate GPUs) on GPU. `resolve_transport` picks one from a config's choice."""
     shm_dir: str = "/dev/shm"
     """tmpfs directory for the SHARED_MEMORY transport."""
-    overlap: bool = True
-    """Pack bucket k+1 while the engine loads bucket k (BYTES and SHARED_MEMORY): two buckets
-    of half `bucket_bytes` are in flight, so `bucket_bytes` still bounds the bytes in flight."""
+    overlap: bool = False
+    """Pack bucket k+1 in a background thread while the engine loads bucket k (BYTES and
+    SHARED_MEMORY): two buckets of half `bucket_bytes` are in flight, so `bucket_bytes` still
+    bounds the bytes in flight. Off by default: on a 2-core CPU host the copy competes with the
+    engine's reload for cores and memory bandwidth, and measured no faster (bench/RESULTS.md);
+    it can pay where cores are idle or the copy crosses PCIe."""
     shm_reuse_files: bool = True
     """SHARED_MEMORY: keep the bucket files (two with `overlap`, else one) across buckets and
     syncs, so their pages are allocated once; they stay in tmpfs until `close()` (about
@@ -233,8 +237,8 @@ class WeightSyncer:
         engine.wake_up(tags=["weights"])
         engine.begin_weight_update(version)
         num_bytes = num_tensors = num_buckets = peak = num_retained = 0
-        # 4: the engine loads bucket k while bucket k+1 is packed (when the sender allows it);
-        # each is released (or its memory reused) as soon as the engine has it.
+        # 4: bucket by bucket (with `overlap`, k+1 is packed while the engine loads k); each is
+        # released, or its memory reused, as soon as the engine has it.
         packed_buckets = self._packed_buckets(named_tensors)
         try:
             for packed in packed_buckets:
