@@ -201,15 +201,19 @@ class AceWorkerExtension:
         self._ace_check_usable()
         tied = bool(getattr(self.vllm_config.model_config.hf_config, "tie_word_embeddings", False))
         held = self._ace_state().setdefault("held", [])
-        named = self._ace_receiver(descriptor).unpack(descriptor)
+        receiver = self._ace_receiver(descriptor)
+        named = receiver.unpack(descriptor)
         kept = [(n, t.clone()) for n, t in named if not (tied and n == _TIED_HEAD)]
+        del named
+        receiver.loaded(descriptor)  # the copies are ours: the transport's memory is not kept
         held.extend(kept)
         return len(kept)
 
     def ace_time_held_reload(self) -> float:
         """Seconds of vLLM's layerwise reload (begin, one `load_weights` over every held
         tensor, finish) fed the held tensors: the floor of any transport, since the bytes are
-        already here. Loads the weights for real; a failure is as fatal as in an update."""
+        already here. A measurement aid: it loads the weights for real (a failure is as fatal
+        as in an update) but keeps the weight version and the prefix cache."""
         state = self._ace_state()
         self._ace_check_usable()
         if state["active"] is not None:
