@@ -5,7 +5,18 @@ For each model preset and TP size, a fresh set of processes (plain python for TP
 TP > 1) builds a randomly initialised Megatron-Core model, starts a vLLM engine in its own
 process (so the trainer's RSS is the trainer's alone) from an HF directory of the same shape,
 and streams the model into it with `WeightSyncer` (gather TP shards -> HF names -> buckets ->
-engine reload), the path the GRPO loop runs every step. Per bucket size and transport it reports:
+engine reload), the path the GRPO loop runs every step. Transports and variants:
+
+- `shared_memory`: what `ace grpo` runs at TP1 on a CPU. The trainer's parameters are moved
+  into a shared-memory file once, and the engine reads the HF tensors that are views of them
+  where they lie (all but q/k/v, which the gather copies); the rest goes through a bucket file;
+- `shared_memory_copy`: every bucket copied into a reused shared-memory file (the parameters
+  not shared); `shared_memory_overlap`: the same with the next bucket packed while the engine
+  loads the current one; `shared_memory_fresh`: copied into a new file per bucket (the
+  transport as it first was);
+- `bytes`: safetensors-serialised buckets through vLLM's RPC.
+
+Per bucket size and transport it reports:
 
 - seconds per sync and GB/s (median of `--repeats` rounds, after one warm-up round);
 - `engine_reload_floor_s`, measured in the same rounds: vLLM's layerwise reload alone
@@ -14,8 +25,9 @@ engine reload), the path the GRPO loop runs every step. Per bucket size and tran
   reported as a ratio to it (what a CPU sync can reach without changing vLLM);
 - the gather alone (TP all-gather + HF split, no engine), to split the cost;
 - the peak extra RSS of the trainer's rank 0 during a sync (VmHWM reset through
-  /proc/self/clear_refs right before, minus VmRSS before), plus the shared-memory file the
-  sender keeps between syncs (already in RSS before a warm sync, so counted separately);
+  /proc/self/clear_refs right before, minus VmRSS before), plus the tmpfs pages of the bucket
+  files the sender keeps between syncs (already in RSS before a warm sync, so counted
+  separately; a shared parameter file is the parameters themselves, not extra memory);
 - baseline, measured in the same process: a plain memory copy of the same number of bytes
   (256 MiB blocks, larger than any cache, so it streams from DRAM).
 
@@ -63,8 +75,12 @@ DEFAULT_DTYPE = {"tiny": "float32", "qwen2.5-0.5b": "bfloat16"}
 GOAL = {"preset": "qwen2.5-0.5b", "tp": 1, "dtype": "bfloat16", "transport": "shared_memory",
         "max_sync_over_floor": 1.3}
 HOLD_BUCKET_BYTES = 256 * MiB
-TRANSPORTS = ("bytes", "shared_memory", "shared_memory_overlap", "shared_memory_fresh")
+TRANSPORTS = ("bytes", "shared_memory", "shared_memory_copy", "shared_memory_overlap",
+              "shared_memory_fresh")
 """Transports, and shared-memory variants that show what each step buys in the same run."""
+SHARED = "shared_memory"
+"""The variant that moves the trainer's parameters into shared memory first (at TP1), as
+`ace grpo` does: the engine reads them where they lie."""
 
 
 def _variants() -> dict[str, dict]:
@@ -72,9 +88,11 @@ def _variants() -> dict[str, dict]:
 
     shm = TransportKind.SHARED_MEMORY
     return {
-        # The next bucket packed while the engine loads the current one (two files).
+        # Every bucket copied into a reused file (the parameters not shared).
+        "shared_memory_copy": {"transport": shm},
+        # Copied, the next bucket packed while the engine loads the current one (two files).
         "shared_memory_overlap": {"transport": shm, "overlap": True},
-        # A fresh file per bucket: the transport as it first was.
+        # Copied, into a fresh file per bucket: the transport as it first was.
         "shared_memory_fresh": {"transport": shm, "shm_reuse_files": False},
     }
 
@@ -249,7 +267,7 @@ def _hold_in_engine(engine, model, cfg, ps) -> int:
     """Copy the model's HF tensors into the engine's process once (for the floor); every rank
     drives the gather, rank 0 returns how many tensors the engine holds."""
     from megatron_ace.model.weights import iter_hf_tensors
-    from megatron_ace.rollout.transport import SharedMemoryOptions, SharedMemorySender
+    from megatron_ace.rollout.shm_transport import SharedMemoryOptions, SharedMemorySender
     from megatron_ace.rollout.weight_sync import iter_buckets
 
     tensors = iter_hf_tensors(model, cfg, ps)
@@ -277,7 +295,7 @@ def _floor(engine) -> tuple[float, float]:
     return seconds, cpu_seconds() - cpu
 
 
-def _make_syncers(case: Case, engine, ps) -> dict[tuple[str, float], object]:
+def _make_syncers(case: Case, engine, model, ps) -> dict[tuple[str, float], object]:
     from megatron_ace.rollout.transport import TransportKind
     from megatron_ace.rollout.weight_sync import WeightSyncConfig, WeightSyncer
 
@@ -285,11 +303,20 @@ def _make_syncers(case: Case, engine, ps) -> dict[tuple[str, float], object]:
     variants = _variants()
     if ps.rank != 0:
         return dict.fromkeys(keys)
+
     def options(t: str) -> dict:
         return variants[t] if t in variants else {"transport": TransportKind(t)}
 
-    return {(t, b): WeightSyncer(engine, WeightSyncConfig(bucket_bytes=int(b * MiB), **options(t)))
-            for t, b in keys}
+    syncers, shared_sender = {}, None
+    for t, b in keys:
+        config = WeightSyncConfig(bucket_bytes=int(b * MiB), **options(t))
+        syncers[t, b] = WeightSyncer(engine, config, sender=shared_sender if t == SHARED else None)
+        if t == SHARED and shared_sender is None and ps.tp_size == 1:
+            # As `ace grpo` does. The parameters can lie in one file only: the other bucket
+            # sizes use the same sender.
+            syncers[t, b].share_parameters(model.parameters())
+            shared_sender = syncers[t, b].sender
+    return syncers
 
 
 def _measure_rounds(case: Case, engine, model, cfg, ps) -> tuple[list[dict], list[float]]:
@@ -297,7 +324,7 @@ def _measure_rounds(case: Case, engine, model, cfg, ps) -> tuple[list[dict], lis
     then the sync, so each sync has a floor measured right before it (the load from other
     jobs drifts slowly compared with the ~1-2 s pair). Returns the rows (rank 0) and every
     timed floor."""
-    syncers = _make_syncers(case, engine, ps)
+    syncers = _make_syncers(case, engine, model, ps)
     runs: dict[tuple[str, float], list] = {k: [] for k in syncers}
     paired: dict[tuple[str, float], list[tuple[float, float]]] = {k: [] for k in syncers}
     version = 0
@@ -311,7 +338,7 @@ def _measure_rounds(case: Case, engine, model, cfg, ps) -> tuple[list[dict], lis
     finally:
         for syncer in syncers.values():
             if syncer is not None:
-                syncer.close()
+                syncer.close()  # a sender shared by several syncers closes twice: harmless
     return rows, [f for k in syncers for f in paired[k][1:]]
 
 
@@ -331,6 +358,7 @@ def _row(key: tuple[str, float], syncer, runs: list, floors: list[tuple[float, f
             "cpu_over_floor_cpu": statistics.median(s / f for s, f in zip(sync_cpu_s, floor_cpu_s)),
             "num_buckets": metrics.get("num_buckets"),
             "num_retained_buckets": metrics.get("num_retained_buckets"),
+            "num_shared_bytes": metrics.get("num_shared_bytes"),
             "peak_bucket_bytes": metrics.get("peak_bucket_bytes"),
             "peak_extra_rss_bytes": max(r[2] for r in timed),
             "held_shm_bytes": getattr(sender, "held_bytes", 0),
@@ -435,8 +463,8 @@ def _check_memory(case: Case) -> None:
 def table(results: list[dict]) -> str:
     head = ("| model | TP | dtype | transport | bucket MiB | s/sync | floor s | sync / floor | "
             "CPU / floor CPU | GB/s | memcpy GB/s | sync / memcpy | gather-only s | "
-            "peak extra RSS MB | held shm MB | (peak + held) / bucket |")
-    lines = [head, "|" + "---|" * 16]
+            "read in place MB | peak extra RSS MB | held shm MB | (peak + held) / bucket |")
+    lines = [head, "|" + "---|" * 17]
     for res in results:
         for row in res["syncs"]:
             lines.append(
@@ -446,7 +474,8 @@ def table(results: list[dict]) -> str:
                 f"{row['sync_over_floor']:.2f}x | {row['cpu_over_floor_cpu']:.2f}x | "
                 f"{row['gb_per_s']:.3f} | "
                 f"{res['memcpy_gb_per_s']:.2f} | {row['sync_over_memcpy']:.0f}x | "
-                f"{res['gather_only_s']:.3f} | {row['peak_extra_rss_bytes'] / 1e6:.0f} | "
+                f"{res['gather_only_s']:.3f} | {(row['num_shared_bytes'] or 0) / 1e6:.0f} | "
+                f"{row['peak_extra_rss_bytes'] / 1e6:.0f} | "
                 f"{row['held_shm_bytes'] / 1e6:.0f} | {row['peak_extra_over_bucket']:.2f} |")
     return "\n".join(lines)
 

@@ -46,6 +46,10 @@ def test_tp1_sync_matches_and_control_fails(checkpoints, tmp_path):
     assert report["parity"]["logp_abs_diff_max"] < 1e-4
     assert report["sync"]["num_buckets"] > 1  # the small bucket size really split the model
     assert report["transport"] == "shared_memory"  # what `auto` means on a CPU
+    # At TP1 the engine read the parameters where they lie: all but q/k/v, which the gather
+    # copies out of Megatron's interleaved layout.
+    assert 0.5 * report["sync"]["num_bytes"] < report["sync"]["num_shared_bytes"] \
+        < report["sync"]["num_bytes"]
     control = subprocess.run([sys.executable, str(TOOL), "--mcore-dir", str(m_tp2), "--no-sync",
                               "--json-out", str(tmp_path / "control.json")],
                              capture_output=True, text=True, env=env, timeout=600)

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
+from dist_utils import REPO
 
+from megatron_ace.rollout import shm_transport as S
 from megatron_ace.rollout import transport as T
 from megatron_ace.rollout.engine import Placement
 from megatron_ace.rollout.types import Sample, SampleStatus, SamplingConfig, request_seed
@@ -115,6 +121,18 @@ def test_iter_buckets_keeps_module_groups_whole():
     assert [len(b) for b in iter_buckets(iter(named), bucket_bytes=120)] == [3, 3, 3, 1]
 
 
+def test_iter_buckets_counts_only_what_is_copied():
+    named = [(f"t{i}", torch.zeros(10)) for i in range(6)]  # 40 bytes each
+    in_place = {"t0", "t1", "t3", "t4"}  # read where they lie: nothing in flight
+    ids = {id(t): n for n, t in named}
+
+    def size_of(t):
+        return 0 if ids[id(t)] in in_place else 40
+
+    buckets = list(iter_buckets(iter(named), bucket_bytes=40, size_of=size_of))
+    assert [[n for n, _ in b] for b in buckets] == [["t0", "t1", "t2", "t3", "t4"], ["t5"]]
+
+
 def test_module_grouper_maps_packed_parts_to_their_module():
     group_of = module_grouper({"qkv_proj": ["q_proj", "k_proj", "v_proj"],
                                "gate_up_proj": ["gate_proj", "up_proj"]})
@@ -181,7 +199,7 @@ def _round_trip(kind: T.TransportKind, **options):
 
 @pytest.mark.parametrize("kind", [T.TransportKind.BYTES, T.TransportKind.SHARED_MEMORY])
 def test_cpu_transports_round_trip_exactly(kind, tmp_path):
-    options = {"options": T.SharedMemoryOptions(directory=str(tmp_path))} if kind is T.TransportKind.SHARED_MEMORY else {}
+    options = {"options": S.SharedMemoryOptions(directory=str(tmp_path))} if kind is T.TransportKind.SHARED_MEMORY else {}
     bucket, descriptor, got = _round_trip(kind, **options)
     assert set(got) == {n for n, _ in bucket}
     for name, t in bucket:
@@ -202,8 +220,8 @@ def test_cpu_transports_round_trip_exactly(kind, tmp_path):
         assert torch.equal(got["c.weight"], bucket[2][1])
 
 
-def _shm(tmp_path, **options) -> T.SharedMemorySender:
-    return T.SharedMemorySender(T.SharedMemoryOptions(directory=str(tmp_path), **options))
+def _shm(tmp_path, **options) -> S.SharedMemorySender:
+    return S.SharedMemorySender(S.SharedMemoryOptions(directory=str(tmp_path), **options))
 
 
 def _bucket(seed: int, numel: int = 1000):
@@ -211,7 +229,7 @@ def _bucket(seed: int, numel: int = 1000):
 
 
 def test_shared_memory_reuses_a_file_unless_retained(tmp_path):
-    sender, receiver = _shm(tmp_path), T.SharedMemoryReceiver()
+    sender, receiver = _shm(tmp_path), S.SharedMemoryReceiver()
     first = sender.pack(_bucket(0))
     assert torch.equal(receiver.unpack(first)[0][1], _bucket(0)[0][1])
     sender.release(first, retained=receiver.loaded(first))  # no view left: not retained
@@ -240,7 +258,8 @@ def test_shared_memory_reuses_a_file_unless_retained(tmp_path):
 def test_shared_memory_two_files_in_flight_and_fresh_files(tmp_path):
     sender = _shm(tmp_path, max_files=2, min_file_bytes=8000)
     a, b = sender.pack(_bucket(0)), sender.pack(_bucket(1))  # b packed before a is released
-    assert a["path"] != b["path"] and sender.held_bytes == 2 * 8000
+    assert a["path"] != b["path"]
+    assert 2 * 4000 <= sender.held_bytes <= 2 * 8000  # 8000-byte files, 4000 bytes written each
     sender.release(a)
     sender.release(b)
     c, d = sender.pack(_bucket(2)), sender.pack(_bucket(3))
@@ -258,7 +277,7 @@ def test_shared_memory_two_files_in_flight_and_fresh_files(tmp_path):
 
 
 def test_shared_memory_receiver_counts_references(tmp_path):
-    sender, receiver = _shm(tmp_path), T.SharedMemoryReceiver()
+    sender, receiver = _shm(tmp_path), S.SharedMemoryReceiver()
     descriptor = sender.pack(_weights())
     views = receiver.unpack(descriptor)
     derived = views[2][1][1:].t()  # a view of a view still references the mapping
@@ -277,6 +296,134 @@ def test_a_forgotten_sender_leaves_no_files(tmp_path):
     sender.release(sender.pack(_bucket(0)))
     assert len(os.listdir(tmp_path)) == 1
     del sender
+    assert os.listdir(tmp_path) == []
+
+
+def _assert_msgpack_safe(descriptor):
+    stack = [descriptor]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        else:
+            assert isinstance(v, (str, int, float, bytes)), type(v)
+
+
+class _Model(torch.nn.Module):
+    """Parameters of several dtypes and a tied pair (`head` is `embed`)."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.embed = torch.nn.Parameter(torch.randn(10, 6, generator=gen))
+        self.fc = torch.nn.Linear(6, 8)
+        self.norm = torch.nn.Parameter(torch.randn(7, generator=gen).to(torch.bfloat16))
+        self.head = self.embed
+
+
+def test_shared_parameters_are_read_where_they_lie(tmp_path):
+    model = _Model()
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    sender, receiver = _shm(tmp_path), S.SharedMemoryReceiver()
+    moved = sender.share_tensors(model.parameters())
+    assert moved >= sum(p.numel() * p.element_size() for p in params.values())
+    assert moved == sender.shared_bytes and sender.share_tensors(model.parameters()) == 0
+    # Moved in place: same Parameter objects, same values, still trainable.
+    assert dict(model.named_parameters()) == params and model.head is model.embed
+    assert all(torch.equal(p, before[n]) for n, p in params.items())
+
+    def bucket():  # views as the HF gather yields them, plus one fresh tensor
+        w = model.fc.weight.detach()
+        gate, up = torch.chunk(w, 2, dim=0)
+        return [("gate", gate), ("up", up), ("t", w.t()), ("embed", model.embed[:9]),
+                ("norm", model.norm.detach()), ("bias", model.fc.bias.detach()),
+                ("fresh", w[::2].reshape(-1).clone())]
+
+    descriptor = sender.pack(bucket())
+    _assert_msgpack_safe(descriptor)
+    assert len(descriptor["shared_entries"]) == 6 and len(descriptor["entries"]) == 1
+    assert descriptor["shared_bytes"] == sum(t.numel() * t.element_size() for _, t in bucket()[:6])
+    got = dict(receiver.unpack(descriptor))
+    assert all(torch.equal(got[n], t) and got[n].dtype == t.dtype for n, t in bucket())
+    del got
+    assert receiver.loaded(descriptor) is False
+    sender.release(descriptor)
+    receiver.finished()
+    # After an optimizer step the next sync reads the trainer's new values through the
+    # mapping the receiver kept.
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    (model.fc(model.embed).square().sum() + model.norm.float().sum()).backward()
+    opt.step()
+    assert not torch.equal(model.fc.weight, before["fc.weight"])
+    assert not torch.equal(model.norm, before["norm"])
+    descriptor = sender.pack(bucket())
+    views = receiver.unpack(descriptor)
+    assert [n for n, _ in views] == [n for n, _ in bucket()][-1:] + [n for n, _ in bucket()][:-1]
+    expected = dict(bucket())
+    assert all(torch.equal(got, expected[n]) for n, got in views)
+    # A view of a parameter file kept past the update is refused (it would follow training).
+    with pytest.raises(RuntimeError, match="still references the trainer's parameter file"):
+        receiver.finished()
+    del views
+    receiver.loaded(descriptor)
+    sender.release(descriptor)
+    receiver.finished()
+    sender.close()
+    assert os.listdir(tmp_path) == []
+    kept = model.embed.detach().clone()
+    opt.step()  # the parameters outlive the file
+    assert not torch.equal(model.embed, kept) and model.head is model.embed
+
+
+def test_the_engine_cannot_write_into_shared_parameters(tmp_path):
+    """The receiver maps parameter files read-only: a write through a view faults (a loud
+    crash, instead of silently changing the trainer's weights)."""
+    code = textwrap.dedent(f"""
+        import torch
+        from megatron_ace.rollout import shm_transport as S
+        p = torch.nn.Parameter(torch.ones(1000))
+        sender = S.SharedMemorySender(S.SharedMemoryOptions(directory={str(tmp_path)!r}))
+        assert sender.share_tensors([p]) == 4032
+        views = dict(S.SharedMemoryReceiver().unpack(sender.pack([("p", p.detach())])))
+        assert torch.equal(views["p"], p)
+        print("mapped", flush=True)
+        views["p"].add_(1.0)
+        print("wrote", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -signal.SIGSEGV, (proc.returncode, proc.stderr[-2000:])
+    assert "mapped" in proc.stdout and "wrote" not in proc.stdout
+
+
+def test_share_tensors_leaves_aliased_tensors_alone(tmp_path, monkeypatch):
+    sender = _shm(tmp_path)
+    buffer = torch.zeros(20)
+    in_buffer = buffer[4:10]  # a view into a larger buffer (a distributed optimizer's)
+    aliased = torch.ones(3, 4)
+    alias = aliased.view(12)  # another tensor refers to the same storage
+    strided = torch.ones(4, 6).t()
+    assert sender.share_tensors([in_buffer, aliased, strided, torch.empty(0)]) == 0
+    assert os.listdir(tmp_path) == []
+    alias.add_(1)
+    assert torch.equal(aliased, torch.full((3, 4), 2.0))  # the alias still holds
+    with pytest.raises(TypeError, match="share_tensors: expected tensors"):
+        sender.share_tensors([[1.0]])
+    # Too little room in the directory: nothing moves, buckets are copied as before.
+    monkeypatch.setattr(S, "_free_bytes", lambda directory: 5000)
+    lone, other = torch.ones(1000), torch.ones(1000)
+    assert sender.share_tensors([lone, other]) == 0
+    descriptor = sender.pack([("lone", lone)])
+    assert descriptor["shared_entries"] == [] and len(descriptor["entries"]) == 1
+    sender.release(descriptor)
+    # Nor is a bucket file made that tmpfs could not hold (writing it would kill the trainer
+    # with SIGBUS): a clear error instead.
+    with pytest.raises(OSError, match="free.*bucket file needs"):
+        sender.pack([("big", torch.ones(10_000))])
+    sender.close()
     assert os.listdir(tmp_path) == []
 
 

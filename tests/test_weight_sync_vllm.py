@@ -7,6 +7,8 @@ failed update leaves the engine unusable by design. A second engine checks the o
 
 from __future__ import annotations
 
+import gc
+import glob
 import os
 import random
 from contextlib import closing
@@ -23,7 +25,8 @@ from megatron_ace.rollout.engine import (
     VllmRolloutEngine,
     WeightSyncFatalError,
 )
-from megatron_ace.rollout.transport import SharedMemoryOptions, SharedMemorySender, TransportKind
+from megatron_ace.rollout.shm_transport import SharedMemoryOptions, SharedMemorySender
+from megatron_ace.rollout.transport import TransportKind
 from megatron_ace.rollout.types import SamplingConfig
 from megatron_ace.rollout.weight_sync import WeightSyncConfig, WeightSyncer, logprob_parity_metrics
 
@@ -61,14 +64,31 @@ def perturbed(model, seed: int, scale: float = 0.05):
     return model
 
 
-def named_weights(model, *, shuffle_seed: int | None = None):
+def named_weights(model, *, shuffle_seed: int | None = None, views: bool = False):
     """(hf_name, tensor) pairs, lazily; optionally in a shuffled order so that buckets cut
-    layers at arbitrary points."""
+    layers at arbitrary points. Copies of the parameters, or with `views` the parameters
+    themselves (as the Megatron gather yields them at TP1)."""
     names = [n for n, _ in model.named_parameters()]
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(names)
     params = dict(model.named_parameters())
-    return ((n, params[n].detach().clone()) for n in names)
+    return ((n, params[n].detach() if views else params[n].detach().clone()) for n in names)
+
+
+def shm_files(directory) -> dict[str, int]:
+    """Files of the shared-memory transport in `directory`, counted by kind."""
+    kinds = [name.split("-")[1] for name in os.listdir(directory)]
+    return {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_files_left_in_dev_shm():
+    """Syncers left to the garbage collector (the default directory is /dev/shm) must not
+    leave files behind, failed syncs included."""
+    yield
+    gc.collect()
+    left = glob.glob(f"/dev/shm/ace-*-{os.getpid()}-*")
+    assert left == [], left
 
 
 def max_seq_diff(engine, model) -> float:
@@ -209,6 +229,49 @@ def test_reference_reload_of_held_weights(engine, model_dir, tmp_path):
     assert max_seq_diff(engine, current) < 1e-4
 
 
+@pytest.mark.numerics
+def test_sync_reads_shared_parameters_where_they_lie(engine, model_dir, tmp_path):
+    """The trainer's parameters moved into a tmpfs file: the sync copies nothing and the
+    engine matches them; after an in-place update (as an optimizer step makes) the next sync
+    delivers the new values through the read-only mapping the engine kept; tensors not in the
+    file (here every other one, copied) still go through bucket files."""
+    trainer = perturbed(load_hf(model_dir), seed=11)
+    first = {n: p.detach().clone() for n, p in trainer.named_parameters()}
+    config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, shm_dir=str(tmp_path))
+    with closing(WeightSyncer(engine, config)) as syncer:
+        moved = syncer.share_parameters(trainer.parameters())
+        assert moved >= sum(t.numel() * t.element_size() for t in first.values())
+        assert all(torch.equal(p, first[n]) for n, p in trainer.named_parameters())
+        metrics = syncer.sync(named_weights(trainer, views=True))
+        assert metrics.num_shared_bytes == metrics.num_bytes and syncer.sender.files_created == 0
+        # Nothing in flight, so nothing to split: one bucket, one load (as the reload floor).
+        assert metrics.num_buckets == 1 and metrics.peak_bucket_bytes == 0
+        assert max_seq_diff(engine, trainer) < 1e-4
+        assert shm_files(tmp_path) == {"params": 1}
+
+        perturbed(trainer, seed=12)  # in place: the bytes in the file change
+        mixed = ((n, t.clone() if i % 2 else t)
+                 for i, (n, t) in enumerate(named_weights(trainer, views=True)))
+        metrics = syncer.sync(mixed)
+        assert 0 < metrics.num_shared_bytes < metrics.num_bytes
+        assert metrics.num_buckets > 1  # the bound applies to the copied tensors
+        assert max_seq_diff(engine, trainer) < 1e-4
+        stale = perturbed(load_hf(model_dir), seed=11)  # what the first sync delivered
+        assert max_seq_diff(engine, stale) > 1e-2  # the engine did not keep those bytes
+        assert shm_files(tmp_path) == {"bucket": 1, "params": 1}
+    assert os.listdir(tmp_path) == []
+    kept = {n: p.detach().clone() for n, p in trainer.named_parameters()}
+    with torch.no_grad():  # the parameters outlive the syncer and its files
+        for p in trainer.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(p, kept[n] + 1.0) for n, p in trainer.named_parameters())
+    # Back to what the later tests expect (version 5's weights, served under a newer version).
+    current = perturbed(load_hf(model_dir), seed=2)
+    with closing(WeightSyncer(engine, WeightSyncConfig(shm_dir=str(tmp_path)))) as syncer:
+        syncer.sync(named_weights(current), version=engine.weight_version + 1)
+    assert max_seq_diff(engine, current) < 1e-4
+
+
 def test_stale_or_duplicate_version_is_refused_without_harm(engine, model_dir):
     current = perturbed(load_hf(model_dir), seed=2)  # what the engine serves now
     served = engine.weight_version
@@ -240,14 +303,20 @@ def test_missing_tensor_is_fatal(engine, model_dir):
     pytest.param("unknown_name", marks=pytest.mark.slow),
 ])
 def test_bad_tensor_is_fatal(model_dir, bad, tmp_path):
+    """A bad tensor midway is fatal (the engine is then unusable), whichever side finds it;
+    no bucket is left busy, every file goes with the syncer, and the trainer's shared
+    parameters are untouched. Half the tensors are read where they lie, half copied, so
+    both kinds of file exist when the failure comes."""
     eng = VllmRolloutEngine(RolloutEngineConfig(model_path=str(model_dir), max_model_len=256))
     try:
         new = perturbed(load_hf(model_dir), seed=4)
+        reference = {n: p.detach().clone() for n, p in new.named_parameters()}
 
         def weights():
-            for i, (name, t) in enumerate(named_weights(new)):
+            for i, (name, t) in enumerate(named_weights(new, views=True)):
+                t = t.clone() if i % 2 else t
                 if i == 5 and bad == "wrong_shape":
-                    t = t[..., :-1]
+                    t = t[..., :-1]  # a view of a shared parameter, described with its shape
                 if i == 5 and bad == "unknown_name":
                     name = name.replace("layers.", "layerz.")
                 if i == 5 and bad == "not_a_tensor":
@@ -259,13 +328,18 @@ def test_bad_tensor_is_fatal(model_dir, bad, tmp_path):
         config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, shm_dir=str(tmp_path), overlap=True)
         syncer = WeightSyncer(eng, config)
         assert syncer.config.transport is TransportKind.SHARED_MEMORY and syncer.overlaps
+        assert syncer.share_parameters(new.parameters()) > 0
         with pytest.raises(WeightSyncFatalError, match=expected):
             syncer.sync(weights())
         with pytest.raises(EngineBrokenError):
             eng.sequence_logprobs(SEQS)
-        assert len(os.listdir(tmp_path)) <= 2  # nothing left busy: only files kept for reuse
+        # Left until close: the parameter file and at most the two bucket files kept for
+        # reuse (a bucket in flight at the failure was retired, as if retained).
+        files = shm_files(tmp_path)
+        assert files["params"] == 1 and files.get("bucket", 0) <= 2, files
         syncer.close()
         assert os.listdir(tmp_path) == []
+        assert all(torch.equal(p, reference[n]) for n, p in new.named_parameters())
     finally:
         eng.close()
 
@@ -281,7 +355,17 @@ def test_sync_into_a_multiprocess_engine(model_dir, tmp_path):
             WeightSyncer(eng, config).sync(named_weights(new, shuffle_seed=version))
             assert eng.weight_version == version
             assert max_seq_diff(eng, new) < 1e-4
+        # Shared parameters, read by the other process where they lie, twice (the second time
+        # through the mapping it kept, after an in-place update).
+        config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, shm_dir=str(tmp_path))
+        with closing(WeightSyncer(eng, config)) as syncer:
+            syncer.share_parameters(new.parameters())
+            for version in (3, 4):
+                perturbed(new, seed=10 + version)
+                metrics = syncer.sync(named_weights(new, views=True), version=version)
+                assert metrics.num_shared_bytes == metrics.num_bytes
+                assert max_seq_diff(eng, new) < 1e-4
         with pytest.raises(StaleWeightVersionError):
-            WeightSyncer(eng, WeightSyncConfig()).sync(named_weights(new), version=2)
+            WeightSyncer(eng, WeightSyncConfig()).sync(named_weights(new), version=4)
     finally:
         eng.close()

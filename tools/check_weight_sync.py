@@ -8,8 +8,9 @@ Steps: load the checkpoint into a Megatron-Core model at --tp/--pp (resharded in
 checkpoint's layout differs); start a vLLM engine on rank 0 from an HF directory holding the
 model's config and tokenizer but RANDOM weights (so only a working sync can match); stream the
 Megatron weights into it with the bucketed WeightSyncer over --transport (the same gather -> HF
-names -> buckets path, and by default the same transport, that the GRPO loop uses); sample a
-few prompts; score the sampled tokens with the Megatron model and print the max / mean absolute
+names -> buckets path, and by default the same transport, that the GRPO loop uses; at TP1 over
+shared memory the engine reads the parameters where they lie, as in GRPO); sample a few
+prompts; score the sampled tokens with the Megatron model and print the max / mean absolute
 logprob difference and importance-ratio statistics. Exits 1 when the max difference exceeds
 --tolerance (default 1e-4, float32).
 
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts, source = _prompts(args, cfg, tokenizer) if ps.rank == 0 else (None, None)
         if ps.rank == 0:
             engine, syncer = _start_engine(args, cfg, ps, tokenizer, tmp, transport)
+            if ps.tp_size == 1:  # as `ace grpo` does: the engine reads the parameters in place
+                syncer.share_parameters(model.parameters())
         sync = None if args.no_sync else _sync(model, cfg, ps, syncer)
         samples = _sample(args, engine, prompts, ps)
         parity = _compare(args, model, cfg, ps, samples)

@@ -11,9 +11,10 @@ A transport has two halves behind one interface, chosen by `TransportKind` from 
 Kinds:
 - BYTES: the bucket serialised with safetensors into one `bytes` object. Works everywhere
   (in-process and multiprocess engines), costs one serialise and one parse copy.
-- SHARED_MEMORY: the bucket written into a file under /dev/shm that is reused from bucket to
-  bucket and across syncs (one memcpy, no page faults once warm); the worker keeps it mapped,
-  so tensors are views on the mapping (no parse, no copy). Same machine only.
+- SHARED_MEMORY (`shm_transport`): the bucket written into a file under /dev/shm that is reused
+  from bucket to bucket and across syncs (one memcpy, no page faults once warm), and tensors
+  that already lie in a shared parameter file not copied at all; the worker keeps the files
+  mapped, so tensors are views on them (no parse, no copy). Same machine only.
 - CUDA_IPC (colocated trainer and engine on the same GPUs): the bucket packed into one CUDA
   buffer whose IPC handle is sent, keyed by GPU UUID; the worker opens it and copies out. The
   pattern follows vLLM's own `ipc_engine` and verl's colocated sync; written here, exercised
@@ -32,11 +33,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
-import os
 import pickle
-import threading
 import uuid
-import weakref
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -81,11 +80,11 @@ class TensorEntry:
         return cls(name, dtype, tuple(int(s) for s in shape), int(offset), int(nbytes))
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _dtype_from_name(name: str) -> torch.dtype:
+def dtype_from_name(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"bucket descriptor names unknown dtype {name!r}")
@@ -97,7 +96,7 @@ def plan_layout(bucket: NamedTensors) -> tuple[list[TensorEntry], int]:
     entries, offset = [], 0
     for name, tensor in bucket:
         nbytes = tensor.numel() * tensor.element_size()
-        entries.append(TensorEntry(name, _dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes))
+        entries.append(TensorEntry(name, dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes))
         offset += -(-nbytes // _ALIGN_BYTES) * _ALIGN_BYTES
     return entries, offset
 
@@ -117,11 +116,11 @@ def views_of(flat_U8: torch.Tensor, entries: list[TensorEntry]) -> NamedTensors:
     out = []
     for e in entries:
         raw = flat_U8[e.offset : e.offset + e.nbytes]
-        out.append((e.name, raw.view(_dtype_from_name(e.dtype)).view(e.shape)))
+        out.append((e.name, raw.view(dtype_from_name(e.dtype)).view(e.shape)))
     return out
 
 
-def _entries(descriptor: Descriptor) -> list[TensorEntry]:
+def entries_of(descriptor: Descriptor) -> list[TensorEntry]:
     return [TensorEntry.from_wire(item) for item in descriptor["entries"]]
 
 
@@ -150,6 +149,16 @@ class BucketSender(abc.ABC):
         `retained`: the engine still references the bucket's memory (see
         `BucketReceiver.loaded`), so it must not be reused."""
 
+    def copied_bytes(self, tensor: torch.Tensor) -> int:
+        """Bytes `pack` copies for `tensor` (0 for one the engine reads where it lies)."""
+        return tensor.numel() * tensor.element_size()
+
+    def share_tensors(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Let the engine read `tensors` (the trainer's parameters) where they lie from now on,
+        instead of copying them at every sync; returns the bytes made readable so. Transports
+        that cannot (BYTES, the GPU kinds for now) return 0 and copy as before."""
+        return 0
+
     def init_info(self) -> dict[str, Any]:
         """What each receiver needs to connect (empty for connection-less transports)."""
         return {}
@@ -177,6 +186,10 @@ class BucketReceiver(abc.ABC):
         owns (then the sender must not reuse it); False for transports whose tensors are the
         receiver's own."""
         return False
+
+    def finished(self) -> None:
+        """Called once an update is complete: raise if the engine still references memory
+        that the sender goes on changing (a shared parameter file)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,217 +224,6 @@ class BytesReceiver(BucketReceiver):
 
         # `load` parses into fresh tensors, so they outlive the payload.
         return list(load(bytes(descriptor["data"])).items())
-
-
-# ---------------------------------------------------------------------------------------------
-# SHARED_MEMORY: tmpfs files, reused across buckets and syncs
-
-
-@dataclasses.dataclass(kw_only=True)
-class SharedMemoryOptions:
-    directory: str = "/dev/shm"
-    """tmpfs directory for bucket files; must be visible to the engine's workers."""
-    reuse_files: bool = True
-    """Keep bucket files (and the sender's mappings of them) from one bucket to the next and
-    across syncs: their pages are allocated and faulted in once, so packing a bucket is one
-    memcpy (a fresh tmpfs file costs ~3x that in page allocation, zeroing and freeing). The
-    files, each about max(bucket, largest tensor), stay in tmpfs until `close()`. False: a
-    fresh file per bucket, unlinked once loaded (nothing held between syncs)."""
-    max_files: int = 1
-    """Files kept for reuse: 1 when buckets go one at a time, 2 when the next bucket is packed
-    while the engine loads the current one."""
-    min_file_bytes: int = 0
-    """Smallest size of a new file: the bucket bound, so that any later bucket fits a kept file
-    (tmpfs allocates a page only when it is first written)."""
-
-    def __post_init__(self) -> None:
-        if not os.path.isdir(self.directory):
-            raise ValueError(f"SharedMemoryOptions.directory: {self.directory!r} is not a directory")
-        if self.max_files < 1:
-            raise ValueError(f"SharedMemoryOptions.max_files must be >= 1, got {self.max_files}")
-        if self.min_file_bytes < 0:
-            raise ValueError(
-                f"SharedMemoryOptions.min_file_bytes must be >= 0, got {self.min_file_bytes}")
-
-
-@dataclasses.dataclass
-class _ShmFile:
-    """A bucket file and the sender's shared mapping of it."""
-
-    path: str
-    flat_U8: torch.Tensor
-
-
-class SharedMemorySender(BucketSender):
-    """Writes each bucket into a tmpfs file that the engine maps.
-
-    With `reuse_files`, files serve bucket after bucket and sync after sync. A file is written
-    again only after the engine has reported (`release(..., retained=False)`) that nothing of
-    its previous bucket is referenced any more. A retained file is retired instead: unlinked,
-    never written again, freed by the kernel once the engine drops its mapping (vLLM's
-    layerwise reload keeps a module's first tensors until its last one arrives, so a module
-    split across buckets pins the first part; `iter_buckets` avoids such cuts in model order).
-    A bucket larger than every idle file gets a new file of its size; of the idle files, the
-    largest `max_files` are kept.
-    """
-
-    kind = TransportKind.SHARED_MEMORY
-    concurrent_pack = True  # the file bookkeeping is locked; each bucket has its own file
-
-    def __init__(self, options: SharedMemoryOptions | None = None) -> None:
-        self.options = options or SharedMemoryOptions()
-        self._lock = threading.Lock()
-        self._idle: list[_ShmFile] = []
-        """Reusable files holding no bucket, at most `max_files`."""
-        self._busy: dict[str, _ShmFile] = {}
-        """Files holding a bucket the engine has not released yet, by path."""
-        self.files_created = 0
-        """Bucket files created so far (1 or 2 after any number of syncs when all were reused)."""
-        self._paths: set[str] = set()
-        # Files outlive a sync: remove them even if the owner forgets `close()` or the
-        # interpreter exits on an exception.
-        self._finalizer = weakref.finalize(self, _unlink_all, self._paths)
-
-    @property
-    def held_bytes(self) -> int:
-        """tmpfs bytes of this sender's files now (between syncs: the files kept for reuse)."""
-        with self._lock:
-            return sum(f.flat_U8.numel() for f in [*self._busy.values(), *self._idle])
-
-    def _new_file(self, nbytes: int) -> _ShmFile:
-        path = os.path.join(self.options.directory, f"ace-bucket-{os.getpid()}-{uuid.uuid4().hex}")
-        self._paths.add(path)
-        storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=nbytes)
-        self.files_created += 1
-        return _ShmFile(path, torch.empty(0, dtype=torch.uint8).set_(storage))
-
-    def _unlink(self, path: str) -> None:
-        self._paths.discard(path)
-        _unlink_all([path])
-
-    def _take_file(self, total: int) -> _ShmFile:
-        """The smallest idle file that fits, else a new one."""
-        with self._lock:
-            fitting = [f for f in self._idle if f.flat_U8.numel() >= total]
-            if fitting:
-                shm = min(fitting, key=lambda f: f.flat_U8.numel())
-                self._idle.remove(shm)
-            else:
-                shm = self._new_file(max(total, self.options.min_file_bytes, 1))
-            self._busy[shm.path] = shm
-            return shm
-
-    def pack(self, bucket: NamedTensors) -> Descriptor:
-        entries, total = plan_layout(bucket)
-        if self.options.reuse_files:
-            shm = self._take_file(total)
-        else:
-            with self._lock:
-                shm = self._new_file(max(total, 1))
-        pack_into(shm.flat_U8, bucket, entries)
-        # Without reuse the mapping goes with `shm` (MAP_SHARED: the bytes are in the file).
-        return {
-            "kind": self.kind.value,
-            "path": shm.path,
-            "total_bytes": total,
-            "file_bytes": shm.flat_U8.numel(),
-            "reused": self.options.reuse_files,
-            "entries": [e.to_wire() for e in entries],
-        }
-
-    def release(self, descriptor: Descriptor, retained: bool = False) -> None:
-        # Unlinking is safe while the worker still maps the file: tmpfs keeps the pages until
-        # the last mapping goes, and no one else can open it any more.
-        with self._lock:
-            shm = self._busy.pop(descriptor["path"], None)
-            if shm is None or retained:
-                self._unlink(descriptor["path"])
-                return
-            # Keep the largest `max_files` idle files: any bucket fits one of them next time.
-            self._idle.append(shm)
-            self._idle.sort(key=lambda f: f.flat_U8.numel(), reverse=True)
-            for extra in self._idle[self.options.max_files:]:
-                self._unlink(extra.path)
-            del self._idle[self.options.max_files:]
-
-    def close(self) -> None:
-        with self._lock:
-            self._busy.clear()
-            self._idle.clear()
-            self._finalizer()
-
-
-def _unlink_all(paths) -> None:
-    for path in list(paths):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-    if isinstance(paths, set):
-        paths.clear()
-
-
-class SharedMemoryReceiver(BucketReceiver):
-    """Maps bucket files and hands out views on them (no parse, no copy).
-
-    A file the sender keeps for reuse stays mapped here too (shared, so its rewrites show),
-    which spares the page-table set-up and tear-down of a fresh mapping per bucket; such a
-    mapping is dropped once the sender unlinks its file (checked at every `unpack`) or once a
-    bucket in it is retained (the sender retires that file; the views keep what they need).
-    A one-off file is mapped copy-on-write for its bucket only.
-    """
-
-    kind = TransportKind.SHARED_MEMORY
-
-    def __init__(self) -> None:
-        self._kept: dict[str, torch.UntypedStorage] = {}
-        """Mappings of the sender's reused files, by path."""
-        self._open: dict[str, tuple[torch.UntypedStorage, int | None]] = {}
-        """Mapping of each unpacked, not yet `loaded` bucket, with its reference count before
-        any tensor viewed it."""
-
-    def _storage(self, descriptor: Descriptor) -> torch.UntypedStorage:
-        path, total = descriptor["path"], int(descriptor["total_bytes"])
-        for stale in [p for p in self._kept if not os.path.exists(p)]:
-            del self._kept[stale]  # the sender unlinked it: the mapping is all that holds it
-        if not descriptor.get("reused"):
-            # Copy-on-write: nothing the engine does can write into the sender's file, and the
-            # views stay valid after the sender unlinks it.
-            return torch.UntypedStorage.from_file(path, shared=False, nbytes=max(total, 1))
-        storage = self._kept.get(path)
-        if storage is None or storage.nbytes() < total:
-            file_bytes = max(int(descriptor.get("file_bytes", total)), total, 1)
-            storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=file_bytes)
-            self._kept[path] = storage
-        return storage
-
-    def unpack(self, descriptor: Descriptor) -> NamedTensors:
-        storage = self._storage(descriptor)
-        self._open[descriptor["path"]] = (storage, _storage_use_count(storage))
-        flat_U8 = torch.empty(0, dtype=torch.uint8).set_(storage)
-        return views_of(flat_U8, _entries(descriptor))
-
-    def loaded(self, descriptor: Descriptor) -> bool:
-        storage, base = self._open.pop(descriptor["path"], (None, None))
-        if storage is None:
-            return False
-        count = _storage_use_count(storage)
-        retained = count is None or base is None or count > base
-        if retained:
-            self._kept.pop(descriptor["path"], None)  # the sender retires this file
-        return retained
-
-
-def _storage_use_count(storage: torch.UntypedStorage) -> int | None:
-    """How many tensors and handles share `storage` (None where torch does not say: then every
-    bucket counts as retained, which is safe and only costs the file reuse)."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    if count is None:
-        return None
-    try:
-        return int(count(storage._cdata))
-    except (AttributeError, RuntimeError, TypeError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +294,7 @@ class CudaIpcReceiver(BucketReceiver):
         flat_U8 = rebuild_cuda_tensor(*args)
         # Copy out: the sender frees the buffer right after this call returns, while vLLM keeps
         # the tensors until their layer is complete.
-        out = [(name, t.clone()) for name, t in views_of(flat_U8, _entries(descriptor))]
+        out = [(name, t.clone()) for name, t in views_of(flat_U8, entries_of(descriptor))]
         torch.cuda.current_stream().synchronize()
         return out
 
@@ -591,26 +393,35 @@ class NcclReceiver(BucketReceiver):
         self._comm.broadcast(flat_U8, src=0, stream=torch.cuda.current_stream())
         torch.cuda.current_stream().synchronize()
         # A fresh buffer per bucket, so views suffice.
-        return views_of(flat_U8, _entries(descriptor))
+        return views_of(flat_U8, entries_of(descriptor))
 
 
-SENDERS: dict[TransportKind, type[BucketSender]] = {
-    TransportKind.BYTES: BytesSender,
-    TransportKind.SHARED_MEMORY: SharedMemorySender,
-    TransportKind.CUDA_IPC: CudaIpcSender,
-    TransportKind.NCCL: NcclSender,
-}
-RECEIVERS: dict[TransportKind, type[BucketReceiver]] = {
-    TransportKind.BYTES: BytesReceiver,
-    TransportKind.SHARED_MEMORY: SharedMemoryReceiver,
-    TransportKind.CUDA_IPC: CudaIpcReceiver,
-    TransportKind.NCCL: NcclReceiver,
-}
+def _registry() -> tuple[dict[TransportKind, type[BucketSender]],
+                         dict[TransportKind, type[BucketReceiver]]]:
+    # SHARED_MEMORY lives in its own module, which builds on this one: imported here, late.
+    from megatron_ace.rollout.shm_transport import SharedMemoryReceiver, SharedMemorySender
+
+    senders = {
+        TransportKind.BYTES: BytesSender,
+        TransportKind.SHARED_MEMORY: SharedMemorySender,
+        TransportKind.CUDA_IPC: CudaIpcSender,
+        TransportKind.NCCL: NcclSender,
+    }
+    receivers = {
+        TransportKind.BYTES: BytesReceiver,
+        TransportKind.SHARED_MEMORY: SharedMemoryReceiver,
+        TransportKind.CUDA_IPC: CudaIpcReceiver,
+        TransportKind.NCCL: NcclReceiver,
+    }
+    return senders, receivers
+
+
+def sender_class(kind: TransportKind | str) -> type[BucketSender]:
+    return _registry()[0][TransportKind(kind)]
 
 
 def make_receiver(kind: TransportKind | str) -> BucketReceiver:
-    kind = TransportKind(kind)
-    return RECEIVERS[kind]()
+    return _registry()[1][TransportKind(kind)]()
 
 
 def descriptor_kind(descriptor: Descriptor) -> TransportKind:
@@ -622,5 +433,4 @@ def descriptor_kind(descriptor: Descriptor) -> TransportKind:
 
 def make_sender(kind: TransportKind | str, **options: Any) -> BucketSender:
     """A sender of `kind`; `options` go to its constructor (NCCL needs `options=NcclOptions`)."""
-    kind = TransportKind(kind)
-    return SENDERS[kind](**options)
+    return sender_class(kind)(**options)

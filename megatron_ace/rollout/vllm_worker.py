@@ -14,14 +14,16 @@ call, mirroring vLLM's own weight-transfer engines (`vllm/distributed/weight_tra
    buckets may split a layer anywhere; the reply says whether the reload still holds tensors of
    the bucket (the sender may reuse the bucket's memory only when it does not).
 3. `ace_finish_weight_update(version)`: check that every checkpoint tensor arrived exactly once,
-   finalise (attention layers are processed last), record the version.
+   finalise (attention layers are processed last), check that no tensor of the trainer's
+   shared parameters is still referenced, record the version.
 
 Any exception after step 1 leaves layers on the meta device: the worker marks itself broken and
 refuses further updates; the driver treats it as fatal. This module does not decide bucket
 sizes, retry, or roll back.
 
 This file is imported inside vLLM worker processes: it must not import the rest of megatron_ace
-beyond `rollout.transport`.
+beyond the transports (`rollout.transport`, `rollout.shm_transport`, which log through
+`utils.logging`).
 """
 
 from __future__ import annotations
@@ -158,6 +160,8 @@ class AceWorkerExtension:
         try:
             self._ace_check_complete()
             self._ace_reload_finish()
+            for receiver in state["receivers"].values():
+                receiver.finished()  # no view of memory the trainer goes on changing
         except BaseException as exc:
             self._ace_fail("finish", exc)
             raise

@@ -14,11 +14,13 @@ model: at most `bucket_bytes` are in flight. The steps, in order:
                backends that repack weights, like vLLM's CPU one, reprocess them).
 4. buckets   - pack a bucket (optionally while the engine loads the previous one); once
                loaded, the sender frees or reuses its memory (never while the engine still
-               references it).
+               references it). Tensors lying in shared parameters (`share_parameters`) are
+               described, not copied: the engine reads them where they lie.
                A module's tensors (q/k/v, gate/up) stay in one bucket, so the engine's
                layerwise reload finishes each module within its bucket. Peak memory: one
                bucket's worth (the shared-memory files are also kept between syncs).
-5. finish    - the engine checks every tensor arrived and records the version.
+5. finish    - the engine checks every tensor arrived, that it no longer references the
+               trainer's shared parameters, and records the version.
 6. reset     - prefix-cache KV was computed with the old weights, so it is dropped.
 7. resume    - a colocated engine gets its KV cache back and can generate again.
 
@@ -40,13 +42,8 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from megatron_ace.rollout.engine import Placement, RolloutEngine, WeightSyncFatalError
-from megatron_ace.rollout.transport import (
-    SENDERS,
-    BucketSender,
-    SharedMemoryOptions,
-    TransportKind,
-    make_sender,
-)
+from megatron_ace.rollout.shm_transport import SharedMemoryOptions
+from megatron_ace.rollout.transport import BucketSender, TransportKind, make_sender, sender_class
 from megatron_ace.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -96,8 +93,10 @@ class WeightSyncConfig:
     """How weights travel from the trainer into the rollout engine."""
 
     bucket_bytes: int = 512 * 2**20
-    """Upper bound on the bytes in flight (one bucket, or two half-size ones with `overlap`); a
-    single larger tensor, or a module's tensors together, travel alone."""
+    """Upper bound on the bytes in flight, i.e. copied into transport buffers (one bucket, or
+    two half-size ones with `overlap`); a single larger tensor, or a module's tensors together,
+    travel alone. Shared parameters (`WeightSyncer.share_parameters`) are read in place and
+    do not count."""
     transport: TransportKind = TransportKind.SHARED_MEMORY
     """SHARED_MEMORY (any engine on this host) or BYTES on CPU; CUDA_IPC (colocated) or NCCL
     (separate GPUs) on GPU. `resolve_transport` picks one from a config's choice."""
@@ -137,10 +136,14 @@ class SyncMetrics:
     num_tensors: int
     num_buckets: int
     peak_bucket_bytes: int
+    """Bytes copied into the largest bucket (shared parameters read in place not counted)."""
     num_retained_buckets: int = 0
     """Buckets the engine still referenced after loading them (a module split across buckets,
     or a layer vLLM processes only at the end, e.g. a vocabulary it pads): their memory could
     not be reused."""
+    num_shared_bytes: int = 0
+    """Of `num_bytes`, those the engine read where they lie in the trainer's parameters (see
+    `WeightSyncer.share_parameters`), without a copy on the trainer's side."""
 
     @property
     def gb_per_s(self) -> float:
@@ -156,7 +159,9 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 
 def iter_buckets(named_tensors: Iterable[NamedTensor], bucket_bytes: int,
-                 group_of: Callable[[str], str] | None = None) -> Iterator[list[NamedTensor]]:
+                 group_of: Callable[[str], str] | None = None,
+                 size_of: Callable[[torch.Tensor], int] | None = None
+                 ) -> Iterator[list[NamedTensor]]:
     """Group `(name, tensor)` pairs, in order, into lists of at most `bucket_bytes` bytes.
 
     Consumes the input lazily (one bucket held at a time). A tensor bigger than `bucket_bytes`
@@ -165,7 +170,10 @@ def iter_buckets(named_tensors: Iterable[NamedTensor], bucket_bytes: int,
     and a run bigger than `bucket_bytes` forms a bucket of its own. The engine loads such a
     run into one module (q/k/v into one fused projection), and its layerwise reload keeps a
     module's first tensors until the last one arrives, so a cut there would pin the bucket.
+    `size_of` (default: the tensor's bytes) says what a tensor costs in flight: 0 for one the
+    transport does not copy (`BucketSender.copied_bytes`), which then never starts a bucket.
     """
+    size_of = size_of or _nbytes
     bucket: list[NamedTensor] = []
     sizes: list[int] = []
     group_start, group_key = 0, None
@@ -176,7 +184,7 @@ def iter_buckets(named_tensors: Iterable[NamedTensor], bucket_bytes: int,
         key = group_of(item[0]) if group_of is not None else None
         if key is None or key != group_key:
             group_start, group_key = len(bucket), key
-        n = _nbytes(item[1])
+        n = size_of(item[1])
         if bucket and sum(sizes) + n > bucket_bytes and group_start > 0:
             yield bucket[:group_start]
             bucket, sizes, group_start = bucket[group_start:], sizes[group_start:], 0
@@ -208,6 +216,10 @@ class _Packed:
     num_bytes: int
     num_tensors: int
 
+    @property
+    def num_shared_bytes(self) -> int:
+        return int(self.descriptor.get("shared_bytes", 0))
+
 
 class WeightSyncer:
     """Drives weight updates into one `RolloutEngine` over one transport."""
@@ -236,7 +248,7 @@ class WeightSyncer:
             self._group_of = module_grouper(engine.packed_modules())
         engine.wake_up(tags=["weights"])
         engine.begin_weight_update(version)
-        num_bytes = num_tensors = num_buckets = peak = num_retained = 0
+        num_bytes = num_tensors = num_buckets = peak = num_retained = num_shared = 0
         # 4: bucket by bucket (with `overlap`, k+1 is packed while the engine loads k); each is
         # released, or its memory reused, as soon as the engine has it.
         packed_buckets = self._packed_buckets(named_tensors)
@@ -251,7 +263,8 @@ class WeightSyncer:
                 num_tensors += packed.num_tensors
                 num_buckets += 1
                 num_retained += retained
-                peak = max(peak, packed.num_bytes)
+                num_shared += packed.num_shared_bytes
+                peak = max(peak, packed.num_bytes - packed.num_shared_bytes)
         except WeightSyncFatalError:
             raise
         except Exception as exc:
@@ -269,11 +282,19 @@ class WeightSyncer:
         engine.reset_prefix_cache()
         engine.wake_up(tags=["kv_cache"])
         metrics = SyncMetrics(version, time.perf_counter() - start, num_bytes, num_tensors,
-                              num_buckets, peak, num_retained)
-        log.info("weight sync v%d over %s: %.3f s, %.1f MB in %d buckets (%.2f GB/s)", version,
-                 self.config.transport.value, metrics.seconds, num_bytes / 1e6, num_buckets,
-                 metrics.gb_per_s)
+                              num_buckets, peak, num_retained, num_shared)
+        log.info("weight sync v%d over %s: %.3f s, %.1f MB in %d buckets (%.2f GB/s; %.1f MB "
+                 "read where they lie)", version, self.config.transport.value, metrics.seconds,
+                 num_bytes / 1e6, num_buckets, metrics.gb_per_s, num_shared / 1e6)
         return metrics
+
+    def share_parameters(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Let the engine read these trainer tensors (`model.parameters()`) where they lie at
+        every later sync instead of copying them into a bucket: with SHARED_MEMORY they move,
+        once and in place, into a tmpfs file the engine maps (see `shm_transport`). Worth it
+        where the synced HF tensors are views of the parameters (TP1: all but q/k/v); other
+        transports ignore it. Returns the bytes moved."""
+        return self.sender.share_tensors(tensors)
 
     @property
     def overlaps(self) -> bool:
@@ -286,7 +307,7 @@ class WeightSyncer:
         caller loads the current one: the copies release the GIL, and a separate engine process
         loads on another core meanwhile."""
         buckets = iter_buckets(named_tensors, _bucket_bound(self.config, self.overlaps),
-                               self._group_of)
+                               self._group_of, self.sender.copied_bytes)
 
         def pack_next() -> _Packed | None:
             bucket = next(buckets, None)
@@ -323,7 +344,7 @@ class WeightSyncer:
 def _bucket_bound(config: WeightSyncConfig, overlaps: bool | None = None) -> int:
     """Bytes of one bucket: half of `bucket_bytes` when two are in flight."""
     if overlaps is None:
-        overlaps = config.overlap and SENDERS[config.transport].concurrent_pack
+        overlaps = config.overlap and sender_class(config.transport).concurrent_pack
     return max(config.bucket_bytes // 2 if overlaps else config.bucket_bytes, 1)
 
 

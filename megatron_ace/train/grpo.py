@@ -149,6 +149,10 @@ class GRPORun:
             in_process=self.ps.world_size == 1))
         self.syncer = WeightSyncer(self.engine, WeightSyncConfig(
             bucket_bytes=self.cfg.rollout.bucket_mb << 20, transport=transport))
+        if self.ps.tp_size == 1:
+            # At TP1 the synced HF tensors are views of the parameters: in shared memory the
+            # engine reads them where they lie, with no copy per sync (a no-op elsewhere).
+            self.syncer.share_parameters(self._model().parameters())
         self.rewards = self._reward_pool(self.cfg.data.domain)
 
     def _reward_pool(self, domain: Any) -> Any:
