@@ -17,6 +17,7 @@ import pytest
 import torch
 from test_rollout_engine import hf_token_logprobs
 from test_rollout_tiny_model import make_tiny_qwen2_dir
+from tolerances import LOGPROB_ATOL
 
 from megatron_ace.rollout.engine import (
     EngineBrokenError,
@@ -99,9 +100,10 @@ def max_seq_diff(engine, model) -> float:
     )
 
 
+@pytest.mark.numerics
 def test_sync_streams_new_weights_in_many_buckets(engine, model_dir):
     old = load_hf(model_dir)
-    assert max_seq_diff(engine, old) < 1e-4
+    assert max_seq_diff(engine, old) < LOGPROB_ATOL
     new = perturbed(load_hf(model_dir), seed=1)
     config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, transport=TransportKind.BYTES)
     syncer = WeightSyncer(engine, config)
@@ -114,10 +116,11 @@ def test_sync_streams_new_weights_in_many_buckets(engine, model_dir):
     assert metrics.peak_bucket_bytes <= max(SMALL_BUCKET, max(sizes))
     assert metrics.gb_per_s > 0 and set(metrics.to_dict()) >= {"weight_sync/gb_per_s", "weight_sync/num_buckets"}
 
-    assert max_seq_diff(engine, new) < 1e-4
+    assert max_seq_diff(engine, new) < LOGPROB_ATOL
     assert max_seq_diff(engine, old) > 1e-2
 
 
+@pytest.mark.numerics
 def test_sampled_logprobs_follow_the_new_weights_and_parity_metrics(engine, model_dir):
     new = perturbed(load_hf(model_dir), seed=1)  # what version 1 holds
     temperature = 0.8
@@ -129,8 +132,8 @@ def test_sampled_logprobs_follow_the_new_weights_and_parity_metrics(engine, mode
             trainer.append(hf_token_logprobs(new, prompt, s.response_token_ids, temperature))
             rollout.append(torch.tensor(s.logprobs))
     m = logprob_parity_metrics(torch.cat(trainer), torch.cat(rollout))
-    assert m["parity/logp_abs_diff_max"] < 1e-4
-    assert abs(m["parity/ratio_mean"] - 1.0) < 1e-4 and m["parity/ratio_clipped_frac"] == 0.0
+    assert m["parity/logp_abs_diff_max"] < LOGPROB_ATOL
+    assert abs(m["parity/ratio_mean"] - 1.0) < LOGPROB_ATOL and m["parity/ratio_clipped_frac"] == 0.0
     # The same check catches a trainer that lags the engine by one version.
     old = load_hf(model_dir)
     stale = torch.cat([hf_token_logprobs(old, p, s.response_token_ids, temperature)
@@ -149,7 +152,7 @@ def test_shared_memory_transport_with_shuffled_order(engine, model_dir, tmp_path
     assert syncer.overlaps
     metrics = syncer.sync(named_weights(new, shuffle_seed=0), version=5)
     assert metrics.version == 5 and engine.weight_version == 5
-    assert max_seq_diff(engine, new) < 1e-4
+    assert max_seq_diff(engine, new) < LOGPROB_ATOL
     # Some buckets were retained (a new file after each), others reused (fewer files than
     # buckets; a bucket larger than the kept file also gets a new one).
     assert 2 < metrics.num_retained_buckets < metrics.num_buckets - 2
@@ -180,7 +183,7 @@ def test_rewriting_a_retained_file_would_corrupt_the_weights(engine, model_dir, 
     current = perturbed(load_hf(model_dir), seed=2)
     with closing(WeightSyncer(engine, config)) as syncer:
         syncer.sync(named_weights(current, shuffle_seed=1), version=engine.weight_version + 1)
-    assert max_seq_diff(engine, current) < 1e-4
+    assert max_seq_diff(engine, current) < LOGPROB_ATOL
 
 
 @pytest.mark.numerics
@@ -196,7 +199,7 @@ def test_shared_memory_file_is_reused_across_syncs(engine, model_dir, tmp_path):
         for seed in (7, 8, 2):  # ends on the weights the later tests expect (seed 2)
             new = perturbed(load_hf(model_dir), seed=seed)
             metrics = syncer.sync(named_weights(new))
-            assert max_seq_diff(engine, new) < 1e-4
+            assert max_seq_diff(engine, new) < LOGPROB_ATOL
             created.append(syncer.sender.files_created)
             retained.append(metrics.num_retained_buckets)
             assert len(os.listdir(tmp_path)) == 1
@@ -218,7 +221,7 @@ def test_reference_reload_of_held_weights(engine, model_dir, tmp_path):
     sender.release(descriptor)
     seconds = engine.llm.collective_rpc("ace_time_held_reload")
     assert seconds[0] > 0
-    assert max_seq_diff(engine, held) < 1e-4
+    assert max_seq_diff(engine, held) < LOGPROB_ATOL
     engine.llm.collective_rpc("ace_drop_held_weights")
     with pytest.raises(Exception, match="no weights held"):
         engine.llm.collective_rpc("ace_time_held_reload")
@@ -226,7 +229,7 @@ def test_reference_reload_of_held_weights(engine, model_dir, tmp_path):
     current = perturbed(load_hf(model_dir), seed=2)
     with closing(WeightSyncer(engine, WeightSyncConfig(shm_dir=str(tmp_path)))) as syncer:
         syncer.sync(named_weights(current), version=engine.weight_version + 1)
-    assert max_seq_diff(engine, current) < 1e-4
+    assert max_seq_diff(engine, current) < LOGPROB_ATOL
 
 
 @pytest.mark.numerics
@@ -246,7 +249,7 @@ def test_sync_reads_shared_parameters_where_they_lie(engine, model_dir, tmp_path
         assert metrics.num_shared_bytes == metrics.num_bytes and syncer.sender.files_created == 0
         # Nothing in flight, so nothing to split: one bucket, one load (as the reload floor).
         assert metrics.num_buckets == 1 and metrics.peak_bucket_bytes == 0
-        assert max_seq_diff(engine, trainer) < 1e-4
+        assert max_seq_diff(engine, trainer) < LOGPROB_ATOL
         assert shm_files(tmp_path) == {"params": 1}
 
         perturbed(trainer, seed=12)  # in place: the bytes in the file change
@@ -255,7 +258,7 @@ def test_sync_reads_shared_parameters_where_they_lie(engine, model_dir, tmp_path
         metrics = syncer.sync(mixed)
         assert 0 < metrics.num_shared_bytes < metrics.num_bytes
         assert metrics.num_buckets > 1  # the bound applies to the copied tensors
-        assert max_seq_diff(engine, trainer) < 1e-4
+        assert max_seq_diff(engine, trainer) < LOGPROB_ATOL
         stale = perturbed(load_hf(model_dir), seed=11)  # what the first sync delivered
         assert max_seq_diff(engine, stale) > 1e-2  # the engine did not keep those bytes
         assert shm_files(tmp_path) == {"bucket": 1, "params": 1}
@@ -269,9 +272,10 @@ def test_sync_reads_shared_parameters_where_they_lie(engine, model_dir, tmp_path
     current = perturbed(load_hf(model_dir), seed=2)
     with closing(WeightSyncer(engine, WeightSyncConfig(shm_dir=str(tmp_path)))) as syncer:
         syncer.sync(named_weights(current), version=engine.weight_version + 1)
-    assert max_seq_diff(engine, current) < 1e-4
+    assert max_seq_diff(engine, current) < LOGPROB_ATOL
 
 
+@pytest.mark.numerics
 def test_stale_or_duplicate_version_is_refused_without_harm(engine, model_dir):
     current = perturbed(load_hf(model_dir), seed=2)  # what the engine serves now
     served = engine.weight_version
@@ -282,7 +286,7 @@ def test_stale_or_duplicate_version_is_refused_without_harm(engine, model_dir):
         with pytest.raises(StaleWeightVersionError, match=f"version {version} refused"):
             syncer.sync(named_weights(other), version=version)
     assert engine.weight_version == served
-    assert max_seq_diff(engine, current) < 1e-4
+    assert max_seq_diff(engine, current) < LOGPROB_ATOL
 
 
 def test_missing_tensor_is_fatal(engine, model_dir):
@@ -354,7 +358,7 @@ def test_sync_into_a_multiprocess_engine(model_dir, tmp_path):
             config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, transport=kind, shm_dir=str(tmp_path))
             WeightSyncer(eng, config).sync(named_weights(new, shuffle_seed=version))
             assert eng.weight_version == version
-            assert max_seq_diff(eng, new) < 1e-4
+            assert max_seq_diff(eng, new) < LOGPROB_ATOL
         # Shared parameters, read by the other process where they lie, twice (the second time
         # through the mapping it kept, after an in-place update).
         config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, shm_dir=str(tmp_path))
@@ -364,7 +368,7 @@ def test_sync_into_a_multiprocess_engine(model_dir, tmp_path):
                 perturbed(new, seed=10 + version)
                 metrics = syncer.sync(named_weights(new, views=True), version=version)
                 assert metrics.num_shared_bytes == metrics.num_bytes
-                assert max_seq_diff(eng, new) < 1e-4
+                assert max_seq_diff(eng, new) < LOGPROB_ATOL
         with pytest.raises(StaleWeightVersionError):
             WeightSyncer(eng, WeightSyncConfig()).sync(named_weights(new), version=4)
     finally:
