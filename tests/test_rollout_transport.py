@@ -299,6 +299,33 @@ def test_a_forgotten_sender_leaves_no_files(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+
+def test_files_of_a_killed_sender_are_removed_by_the_next(tmp_path):
+    """A sender killed outright (SIGKILL) cannot remove its files; the next sender in the
+    directory removes them, and only them."""
+    code = textwrap.dedent(f"""
+        import os, signal, torch
+        from megatron_ace.rollout import shm_transport as S
+        sender = S.SharedMemorySender(S.SharedMemoryOptions(directory={str(tmp_path)!r}))
+        sender.share_tensors([torch.nn.Parameter(torch.ones(100))])
+        sender.pack([("a", torch.ones(10))])
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    left = sorted(name.split("-")[1] for name in os.listdir(tmp_path))
+    assert left == ["bucket", "params"]  # what a killed process leaves
+    live = _shm(tmp_path)  # the next sender in the directory
+    assert os.listdir(tmp_path) == []
+    live.release(live.pack(_bucket(0)))  # a file of a running process: kept
+    other = tmp_path / "ace-bucket-notes.txt"  # not one of ours: kept
+    other.write_text("x")
+    assert S.remove_stale_files(str(tmp_path)) == 0
+    assert len(os.listdir(tmp_path)) == 2
+    live.close()
+    assert os.listdir(tmp_path) == [other.name]
+
 def _assert_msgpack_safe(descriptor):
     stack = [descriptor]
     while stack:

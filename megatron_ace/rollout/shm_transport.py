@@ -19,10 +19,14 @@ view of a parameter file any more (vLLM's layerwise reload copies every weight i
 storage); `SharedMemoryReceiver.finished` checks that, since a view kept past the update would
 follow the trainer's later optimizer steps.
 
-What this module does not do: decide bucket boundaries, validate names or shapes (the worker
-does), or protect against a process that is killed outright (SIGKILL): its files then stay in
-the tmpfs directory until removed (`ace-bucket-<pid>-*`, `ace-params-<pid>-*`); any normal exit,
-an exception included, removes them.
+Any normal exit of the sender's process, an exception included, removes its files. A process
+killed outright (SIGKILL) leaves them (`ace-bucket-<pid>-*`, `ace-params-<pid>-*`): the next
+sender in the same directory removes those whose pid names no running process (a resumed run
+cleans up after the run it replaces). Files of a process in another pid namespace sharing the
+directory would look stale too: give such jobs directories of their own.
+
+What this module does not do: decide bucket boundaries, or validate names or shapes (the worker
+does).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import dataclasses
 import errno
 import mmap
 import os
+import re
 import threading
 import uuid
 import warnings
@@ -158,6 +163,7 @@ class SharedMemorySender(BucketSender):
         # Files outlive a sync: remove them even if the owner forgets `close()` or the
         # interpreter exits on an exception.
         self._finalizer = weakref.finalize(self, _unlink_all, self._paths)
+        remove_stale_files(self.options.directory)
 
     @property
     def held_bytes(self) -> int:
@@ -337,6 +343,43 @@ def _sole_owner(tensor: torch.Tensor) -> bool:
         return False
     count = _storage_use_count(storage)
     return count is not None and count <= 2  # the tensor and `storage` here
+
+
+_FILE_NAME = re.compile(r"^ace-(?:bucket|params)-(\d+)-[0-9a-f]{32}$")
+"""Names of this module's files: kind, the creating process's pid, a random id."""
+
+
+def remove_stale_files(directory: str) -> int:
+    """Remove the files of senders whose process no longer runs (killed outright); returns how
+    many were removed."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        match = _FILE_NAME.match(name)
+        if match is None or _running(int(match.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed += 1
+        except OSError:
+            pass  # another sender removed it first, or it is not ours to remove
+    if removed:
+        log.info("weight sync: removed %d file(s) left in %s by killed processes", removed,
+                 directory)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _allocated_bytes(shm: _ShmFile) -> int:
