@@ -91,16 +91,31 @@ def test_peak_rss_reset_sees_a_transient_allocation():
 def test_weight_sync_bench_tiny_tp1(tmp_path):
     out = tmp_path / "ws.json"
     _run("bench_weight_sync.py", "--preset", "tiny", "--tp", "1", "--repeats", "1",
-         "--transport", "bytes", "--bucket-mb", "0.25", "8", "--out", out)
+         "--transport", "bytes", "shared_memory", "--bucket-mb", "0.25", "8", "--out", out)
     case = json.loads(out.read_text())["cases"][0]
     from megatron_ace.model.config import preset
+    from megatron_ace.model.mapping import hf_shapes
 
     assert case["num_bytes"] == preset("tiny").num_params() * 4
-    small, large = case["syncs"]
+    small, large, shared_small, shared_large = case["syncs"]
     assert small["num_buckets"] > 1 and large["num_buckets"] == 1
     assert small["peak_bucket_bytes"] <= 0.25 * 2**20 or small["num_buckets"] > 4
+    assert small["num_shared_bytes"] == 0
+    # Shared parameters: everything but q/k/v (copied by the gather) is read where it lies,
+    # for both bucket sizes (one parameter file serves them).
+    for row in (shared_small, shared_large):
+        assert row["transport"] == "shared_memory"
+        assert 0.5 * case["num_bytes"] < row["num_shared_bytes"] < case["num_bytes"]
     for row in case["syncs"]:
         assert row["gb_per_s"] == pytest.approx(case["num_bytes"] / 1e9 / row["sync_s"])
+        (sync,), (floor,) = row["sync_runs_s"], row["floor_runs_s"]  # one round each
+        assert row["sync_over_floor"] == pytest.approx(sync / floor)
+        (sync_cpu,), (floor_cpu,) = row["sync_cpu_runs_s"], row["floor_cpu_runs_s"]
+        assert sync_cpu > 0 and floor_cpu > 0  # the engine's process is a child: counted
+    # One floor per timed sync; it reloaded every tensor the engine loads (the tiny model's
+    # head is not tied).
+    assert case["engine_reload_floor_s"] > 0 and len(case["engine_reload_floor_runs_s"]) == 4
+    assert case["floor_num_tensors"] == len(hf_shapes(preset("tiny")))
 
 
 # ---- gpu_check ---------------------------------------------------------------------------------

@@ -47,6 +47,11 @@ def test_tp1_sync_matches_and_control_fails(checkpoints, tmp_path):
     report = _report(tmp_path / "ok.json")
     assert report["parity"]["logp_abs_diff_max"] < LOGPROB_ATOL
     assert report["sync"]["num_buckets"] > 1  # the small bucket size really split the model
+    assert report["transport"] == "shared_memory"  # what `auto` means on a CPU
+    # At TP1 the engine read the parameters where they lie: all but q/k/v, which the gather
+    # copies out of Megatron's interleaved layout.
+    assert 0.5 * report["sync"]["num_bytes"] < report["sync"]["num_shared_bytes"] \
+        < report["sync"]["num_bytes"]
     control = subprocess.run([sys.executable, str(TOOL), "--mcore-dir", str(m_tp2), "--no-sync",
                               "--json-out", str(tmp_path / "control.json")],
                              capture_output=True, text=True, env=env, timeout=600)
@@ -61,7 +66,9 @@ def test_tp2_sync_matches(checkpoints, tmp_path):
     _, m_pp2 = checkpoints
     torchrun(TOOL, "--mcore-dir", m_pp2, "--tp", "2", "--pp", "1", "--json-out", tmp_path / "r.json",
              nproc=2)
-    assert _report(tmp_path / "r.json")["parity"]["logp_abs_diff_max"] < LOGPROB_ATOL
+    report = _report(tmp_path / "r.json")
+    assert report["parity"]["logp_abs_diff_max"] < LOGPROB_ATOL
+    assert report["transport"] == "shared_memory"  # into an engine in a process of its own
 
 
 def test_bad_layout_is_refused_before_any_work(checkpoints):
@@ -71,6 +78,16 @@ def test_bad_layout_is_refused_before_any_work(checkpoints):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
     assert "--tp 3" in proc.stderr and "query groups" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_gpu_transport_is_refused_before_any_work(checkpoints):
+    m_tp2, _ = checkpoints
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(TOOL), "--mcore-dir", str(m_tp2), "--transport",
+                           "cuda_ipc"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert "--transport: 'cuda_ipc' needs CUDA" in proc.stderr
 
 
 @pytest.mark.vllm
@@ -83,10 +100,10 @@ def test_tokenizer_prompts_sync_matches(checkpoints, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(TOOL), "--mcore-dir", str(m_pp2), "--tokenizer",
                            str(tok), "--num-prompts", "3", "--max-tokens", "8",
-                           "--json-out", str(tmp_path / "r.json")],
+                           "--transport", "bytes", "--json-out", str(tmp_path / "r.json")],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = _report(tmp_path / "r.json")
-    assert report["prompts"].startswith("text via")
+    assert report["prompts"].startswith("text via") and report["transport"] == "bytes"
     assert report["parity"]["num_tokens"] == 3 * 2 * 8
     assert report["parity"]["logp_abs_diff_max"] < LOGPROB_ATOL

@@ -7,10 +7,12 @@
 Steps: load the checkpoint into a Megatron-Core model at --tp/--pp (resharded in memory when the
 checkpoint's layout differs); start a vLLM engine on rank 0 from an HF directory holding the
 model's config and tokenizer but RANDOM weights (so only a working sync can match); stream the
-Megatron weights into it with the bucketed WeightSyncer (the same gather -> HF names -> buckets
-path the GRPO loop uses); sample a few prompts; score the sampled tokens with the Megatron model
-and print the max / mean absolute logprob difference and importance-ratio statistics. Exits 1
-when the max difference exceeds --tolerance (default 1e-4, float32).
+Megatron weights into it with the bucketed WeightSyncer over --transport (the same gather -> HF
+names -> buckets path, and by default the same transport, that the GRPO loop uses; at TP1 over
+shared memory the engine reads the parameters where they lie, as in GRPO); sample a few
+prompts; score the sampled tokens with the Megatron model and print the max / mean absolute
+logprob difference and importance-ratio statistics. Exits 1 when the max difference exceeds
+--tolerance (default 1e-4, float32).
 
 Prompts: fixed short texts encoded with the tokenizer (--tokenizer, else the checkpoint's own
 tokenizer directory) when it fits the model's vocabulary, else random token ids. Under several
@@ -40,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="trainer tensor-parallel size for this check")
     p.add_argument("--pp", type=int, default=1, help="trainer pipeline-parallel size for this check")
     p.add_argument("--bucket-mb", type=float, default=64, help="weight-sync bucket size (MB)")
+    p.add_argument("--transport", default="auto",
+                   choices=["auto", "bytes", "shared_memory", "cuda_ipc"],
+                   help="weight-sync transport (auto: shared memory on CPU, CUDA IPC on GPU, as "
+                        "`ace grpo` resolves rollout.weight_sync_transport)")
     p.add_argument("--num-prompts", type=int, default=4, help="prompts to sample")
     p.add_argument("--samples-per-prompt", type=int, default=2, help="samples per prompt")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens per sample")
@@ -117,7 +123,7 @@ def _prompts(args, cfg, tokenizer: Path | None) -> tuple[list[list[int]], str]:
     return torch.randint(0, cfg.vocab_size, (args.num_prompts, 8), generator=gen).tolist(), "random ids"
 
 
-def _start_engine(args, cfg, ps, tokenizer: Path | None, tmp: Path):
+def _start_engine(args, cfg, ps, tokenizer: Path | None, tmp: Path, transport):
     from megatron_ace.rollout.engine import DType, RolloutEngineConfig, VllmRolloutEngine
     from megatron_ace.rollout.weight_sync import WeightSyncConfig, WeightSyncer
 
@@ -125,7 +131,8 @@ def _start_engine(args, cfg, ps, tokenizer: Path | None, tmp: Path):
     engine = VllmRolloutEngine(RolloutEngineConfig(
         model_path=str(hf_dir), dtype=DType.FLOAT32, cpu_kvcache_space_gib=1,
         max_model_len=64 + args.max_tokens, in_process=ps.world_size == 1))
-    return engine, WeightSyncer(engine, WeightSyncConfig(bucket_bytes=int(args.bucket_mb * 2**20)))
+    return engine, WeightSyncer(engine, WeightSyncConfig(
+        bucket_bytes=int(args.bucket_mb * 2**20), transport=transport))
 
 
 def _sync(model, cfg, ps, syncer) -> dict | None:
@@ -190,12 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ace.checkpoint.convert import load_into_model
     from megatron_ace.model.builder import build_model
     from megatron_ace.model.parallel import ParallelConfig, destroy_parallel, init_parallel
+    from megatron_ace.rollout.engine import Placement
+    from megatron_ace.rollout.weight_sync import resolve_transport
 
     meta = F.read_meta(args.mcore_dir)
     cfg = meta.model
     try:
         _validate(args, meta)
         tokenizer = _tokenizer_dir(args, meta)
+        # The engine runs beside rank 0 (its process or one it starts), as in `ace grpo`.
+        transport = resolve_transport(args.transport, placement=Placement.COLOCATED,
+                                      field="--transport")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -207,15 +219,17 @@ def main(argv: list[str] | None = None) -> int:
         load_into_model(model, args.mcore_dir, cfg, ps)  # reshards when the layouts differ
         prompts, source = _prompts(args, cfg, tokenizer) if ps.rank == 0 else (None, None)
         if ps.rank == 0:
-            engine, syncer = _start_engine(args, cfg, ps, tokenizer, tmp)
+            engine, syncer = _start_engine(args, cfg, ps, tokenizer, tmp, transport)
+            if ps.tp_size == 1:  # as `ace grpo` does: the engine reads the parameters in place
+                syncer.share_parameters(model.parameters())
         sync = None if args.no_sync else _sync(model, cfg, ps, syncer)
         samples = _sample(args, engine, prompts, ps)
         parity = _compare(args, model, cfg, ps, samples)
         if ps.rank != 0:
             return 0
         return _report(args, {"tp": args.tp, "pp": args.pp, "checkpoint_tp": meta.tp,
-                              "checkpoint_pp": meta.pp, "prompts": source, "sync": sync,
-                              "parity": parity})
+                              "checkpoint_pp": meta.pp, "prompts": source,
+                              "transport": transport.value, "sync": sync, "parity": parity})
     finally:
         if syncer is not None:
             syncer.close()

@@ -121,6 +121,17 @@ class RolloutEngineConfig:
             )
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoadedBucket:
+    """The engine's answer to one loaded weight bucket."""
+
+    num_tensors: int
+    """Tensors the bucket held (a tied head that the engine skips not counted)."""
+    retained: bool
+    """Some worker still references the bucket's memory (its layer is waiting for tensors of
+    a later bucket): the sender must not overwrite that memory."""
+
+
 class RolloutEngineError(RuntimeError):
     """Base of the rollout engine's errors."""
 
@@ -168,8 +179,13 @@ class RolloutEngine(abc.ABC):
         """Open update `version`; raises StaleWeightVersionError if not newer than the current."""
 
     @abc.abstractmethod
-    def load_weight_bucket(self, descriptor: dict[str, Any]) -> int:
-        """Load one transported bucket; returns its number of tensors."""
+    def load_weight_bucket(self, descriptor: dict[str, Any]) -> LoadedBucket:
+        """Load one transported bucket."""
+
+    def packed_modules(self) -> dict[str, list[str]]:
+        """Checkpoint tensors the engine loads into one module, as {fused: [parts]} (vLLM's
+        `packed_modules_mapping`); the sync keeps such tensors in one bucket."""
+        return {}
 
     @abc.abstractmethod
     def finish_weight_update(self, version: int) -> None:
@@ -406,12 +422,18 @@ class VllmRolloutEngine(RolloutEngine):
                 f"weight version {version} refused by the workers (they serve {refused[0]['current_version']})"
             )
 
-    def load_weight_bucket(self, descriptor: dict[str, Any]) -> int:
+    def load_weight_bucket(self, descriptor: dict[str, Any]) -> LoadedBucket:
         self._check_usable()
         try:
-            return int(self._rpc("ace_load_weight_bucket", descriptor)[0])
+            replies = self._rpc("ace_load_weight_bucket", descriptor)
         except Exception as exc:
             raise self._fatal("load bucket", exc) from exc
+        return LoadedBucket(num_tensors=int(replies[0]["num_tensors"]),
+                            retained=any(bool(r["retained"]) for r in replies))
+
+    def packed_modules(self) -> dict[str, list[str]]:
+        self._check_usable()
+        return {str(k): [str(p) for p in v] for k, v in self._rpc("ace_packed_modules")[0].items()}
 
     def finish_weight_update(self, version: int) -> None:
         self._check_usable()

@@ -11,8 +11,10 @@ A transport has two halves behind one interface, chosen by `TransportKind` from 
 Kinds:
 - BYTES: the bucket serialised with safetensors into one `bytes` object. Works everywhere
   (in-process and multiprocess engines), costs one serialise and one parse copy.
-- SHARED_MEMORY: the bucket written into a fresh file under /dev/shm; the worker maps it
-  privately, so tensors are views on the mapping (no parse). Same machine only.
+- SHARED_MEMORY (`shm_transport`): the bucket written into a file under /dev/shm that is reused
+  from bucket to bucket and across syncs (one memcpy, no page faults once warm), and tensors
+  that already lie in a shared parameter file not copied at all; the worker keeps the files
+  mapped, so tensors are views on them (no parse, no copy). Same machine only.
 - CUDA_IPC (colocated trainer and engine on the same GPUs): the bucket packed into one CUDA
   buffer whose IPC handle is sent, keyed by GPU UUID; the worker opens it and copies out. The
   pattern follows vLLM's own `ipc_engine` and verl's colocated sync; written here, exercised
@@ -31,9 +33,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
-import os
 import pickle
 import uuid
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -78,11 +80,11 @@ class TensorEntry:
         return cls(name, dtype, tuple(int(s) for s in shape), int(offset), int(nbytes))
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _dtype_from_name(name: str) -> torch.dtype:
+def dtype_from_name(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"bucket descriptor names unknown dtype {name!r}")
@@ -94,16 +96,19 @@ def plan_layout(bucket: NamedTensors) -> tuple[list[TensorEntry], int]:
     entries, offset = [], 0
     for name, tensor in bucket:
         nbytes = tensor.numel() * tensor.element_size()
-        entries.append(TensorEntry(name, _dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes))
+        entries.append(TensorEntry(name, dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes))
         offset += -(-nbytes // _ALIGN_BYTES) * _ALIGN_BYTES
     return entries, offset
 
 
 def pack_into(flat_U8: torch.Tensor, bucket: NamedTensors, entries: list[TensorEntry]) -> None:
-    """Copy each tensor's bytes into its slot of the flat uint8 buffer `flat_U8`."""
+    """Copy each tensor into its slot of the flat uint8 buffer `flat_U8`, straight from where
+    it lies (a parameter, a strided view, another device): one copy, no temporary."""
     for (_, tensor), entry in zip(bucket, entries, strict=True):
-        src = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        flat_U8[entry.offset : entry.offset + entry.nbytes].copy_(src, non_blocking=True)
+        if entry.nbytes == 0:
+            continue
+        slot = flat_U8[entry.offset : entry.offset + entry.nbytes]
+        slot.view(tensor.dtype).view(entry.shape).copy_(tensor.detach(), non_blocking=True)
 
 
 def views_of(flat_U8: torch.Tensor, entries: list[TensorEntry]) -> NamedTensors:
@@ -111,11 +116,11 @@ def views_of(flat_U8: torch.Tensor, entries: list[TensorEntry]) -> NamedTensors:
     out = []
     for e in entries:
         raw = flat_U8[e.offset : e.offset + e.nbytes]
-        out.append((e.name, raw.view(_dtype_from_name(e.dtype)).view(e.shape)))
+        out.append((e.name, raw.view(dtype_from_name(e.dtype)).view(e.shape)))
     return out
 
 
-def _entries(descriptor: Descriptor) -> list[TensorEntry]:
+def entries_of(descriptor: Descriptor) -> list[TensorEntry]:
     return [TensorEntry.from_wire(item) for item in descriptor["entries"]]
 
 
@@ -131,13 +136,28 @@ class BucketSender(abc.ABC):
     """Trainer side of a transport."""
 
     kind: ClassVar[TransportKind]
+    concurrent_pack: ClassVar[bool] = False
+    """`pack` may run in another thread while the engine loads the previous bucket (and while
+    `release` runs). The GPU kinds say False: that overlap is untested there."""
 
     @abc.abstractmethod
     def pack(self, bucket: NamedTensors) -> Descriptor:
         """Make `bucket` reachable by the engine; return its msgpack-safe descriptor."""
 
-    def release(self, descriptor: Descriptor) -> None:
-        """Free what `pack` allocated for this descriptor (the engine has loaded it)."""
+    def release(self, descriptor: Descriptor, retained: bool = False) -> None:
+        """Free what `pack` allocated for this descriptor (the engine has loaded it, or failed).
+        `retained`: the engine still references the bucket's memory (see
+        `BucketReceiver.loaded`), so it must not be reused."""
+
+    def copied_bytes(self, tensor: torch.Tensor) -> int:
+        """Bytes `pack` copies for `tensor` (0 for one the engine reads where it lies)."""
+        return tensor.numel() * tensor.element_size()
+
+    def share_tensors(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Let the engine read `tensors` (the trainer's parameters) where they lie from now on,
+        instead of copying them at every sync; returns the bytes made readable so. Transports
+        that cannot (BYTES, the GPU kinds for now) return 0 and copy as before."""
+        return 0
 
     def init_info(self) -> dict[str, Any]:
         """What each receiver needs to connect (empty for connection-less transports)."""
@@ -160,6 +180,17 @@ class BucketReceiver(abc.ABC):
         """Tensors of one bucket. They must stay valid after the sender's `release`: vLLM's
         layerwise reload keeps them until every weight of their layer has arrived."""
 
+    def loaded(self, descriptor: Descriptor) -> bool:
+        """Called once the engine has loaded the bucket `unpack` gave and dropped its own
+        references to the tensors. True when something still references memory the sender
+        owns (then the sender must not reuse it); False for transports whose tensors are the
+        receiver's own."""
+        return False
+
+    def finished(self) -> None:
+        """Called once an update is complete: raise if the engine still references memory
+        that the sender goes on changing (a shared parameter file)."""
+
 
 # ---------------------------------------------------------------------------------------------
 # BYTES: safetensors-serialised bucket
@@ -167,6 +198,7 @@ class BucketReceiver(abc.ABC):
 
 class BytesSender(BucketSender):
     kind = TransportKind.BYTES
+    concurrent_pack = True  # no state between calls
 
     def pack(self, bucket: NamedTensors) -> Descriptor:
         from safetensors.torch import save
@@ -192,61 +224,6 @@ class BytesReceiver(BucketReceiver):
 
         # `load` parses into fresh tensors, so they outlive the payload.
         return list(load(bytes(descriptor["data"])).items())
-
-
-# ---------------------------------------------------------------------------------------------
-# SHARED_MEMORY: one tmpfs file per bucket
-
-
-@dataclasses.dataclass(kw_only=True)
-class SharedMemoryOptions:
-    directory: str = "/dev/shm"
-    """tmpfs directory for bucket files; must be visible to the engine's workers."""
-
-    def __post_init__(self) -> None:
-        if not os.path.isdir(self.directory):
-            raise ValueError(f"SharedMemoryOptions.directory: {self.directory!r} is not a directory")
-
-
-class SharedMemorySender(BucketSender):
-    kind = TransportKind.SHARED_MEMORY
-
-    def __init__(self, options: SharedMemoryOptions | None = None) -> None:
-        self.options = options or SharedMemoryOptions()
-
-    def pack(self, bucket: NamedTensors) -> Descriptor:
-        entries, total = plan_layout(bucket)
-        path = os.path.join(self.options.directory, f"ace-bucket-{os.getpid()}-{uuid.uuid4().hex}")
-        storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=max(total, 1))
-        flat_U8 = torch.empty(0, dtype=torch.uint8).set_(storage)
-        pack_into(flat_U8, [(n, t.to("cpu")) for n, t in bucket], entries)
-        del flat_U8, storage  # MAP_SHARED: the bytes are in the file once copied
-        return {
-            "kind": self.kind.value,
-            "path": path,
-            "total_bytes": total,
-            "entries": [e.to_wire() for e in entries],
-        }
-
-    def release(self, descriptor: Descriptor) -> None:
-        # Unlinking is safe while the worker still maps the file: tmpfs keeps the pages until
-        # the last mapping goes, and no one else can open it any more.
-        try:
-            os.unlink(descriptor["path"])
-        except FileNotFoundError:
-            pass
-
-
-class SharedMemoryReceiver(BucketReceiver):
-    kind = TransportKind.SHARED_MEMORY
-
-    def unpack(self, descriptor: Descriptor) -> NamedTensors:
-        total = int(descriptor["total_bytes"])
-        # shared=False maps the file copy-on-write: views need no parse and no copy, and they
-        # stay valid after the sender unlinks the file.
-        storage = torch.UntypedStorage.from_file(descriptor["path"], shared=False, nbytes=max(total, 1))
-        flat_U8 = torch.empty(0, dtype=torch.uint8).set_(storage)
-        return views_of(flat_U8, _entries(descriptor))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +263,7 @@ class CudaIpcSender(BucketSender):
             "entries": [e.to_wire() for e in entries],
         }
 
-    def release(self, descriptor: Descriptor) -> None:
+    def release(self, descriptor: Descriptor, retained: bool = False) -> None:
         self._live.pop(descriptor["key"], None)
 
 
@@ -317,7 +294,7 @@ class CudaIpcReceiver(BucketReceiver):
         flat_U8 = rebuild_cuda_tensor(*args)
         # Copy out: the sender frees the buffer right after this call returns, while vLLM keeps
         # the tensors until their layer is complete.
-        out = [(name, t.clone()) for name, t in views_of(flat_U8, _entries(descriptor))]
+        out = [(name, t.clone()) for name, t in views_of(flat_U8, entries_of(descriptor))]
         torch.cuda.current_stream().synchronize()
         return out
 
@@ -387,7 +364,7 @@ class NcclSender(BucketSender):
         return {"kind": self.kind.value, "key": key, "total_bytes": total,
                 "entries": [e.to_wire() for e in entries]}
 
-    def release(self, descriptor: Descriptor) -> None:
+    def release(self, descriptor: Descriptor, retained: bool = False) -> None:
         torch.cuda.current_stream().synchronize()
         self._live.pop(descriptor["key"], None)
 
@@ -416,26 +393,35 @@ class NcclReceiver(BucketReceiver):
         self._comm.broadcast(flat_U8, src=0, stream=torch.cuda.current_stream())
         torch.cuda.current_stream().synchronize()
         # A fresh buffer per bucket, so views suffice.
-        return views_of(flat_U8, _entries(descriptor))
+        return views_of(flat_U8, entries_of(descriptor))
 
 
-SENDERS: dict[TransportKind, type[BucketSender]] = {
-    TransportKind.BYTES: BytesSender,
-    TransportKind.SHARED_MEMORY: SharedMemorySender,
-    TransportKind.CUDA_IPC: CudaIpcSender,
-    TransportKind.NCCL: NcclSender,
-}
-RECEIVERS: dict[TransportKind, type[BucketReceiver]] = {
-    TransportKind.BYTES: BytesReceiver,
-    TransportKind.SHARED_MEMORY: SharedMemoryReceiver,
-    TransportKind.CUDA_IPC: CudaIpcReceiver,
-    TransportKind.NCCL: NcclReceiver,
-}
+def _registry() -> tuple[dict[TransportKind, type[BucketSender]],
+                         dict[TransportKind, type[BucketReceiver]]]:
+    # SHARED_MEMORY lives in its own module, which builds on this one: imported here, late.
+    from megatron_ace.rollout.shm_transport import SharedMemoryReceiver, SharedMemorySender
+
+    senders = {
+        TransportKind.BYTES: BytesSender,
+        TransportKind.SHARED_MEMORY: SharedMemorySender,
+        TransportKind.CUDA_IPC: CudaIpcSender,
+        TransportKind.NCCL: NcclSender,
+    }
+    receivers = {
+        TransportKind.BYTES: BytesReceiver,
+        TransportKind.SHARED_MEMORY: SharedMemoryReceiver,
+        TransportKind.CUDA_IPC: CudaIpcReceiver,
+        TransportKind.NCCL: NcclReceiver,
+    }
+    return senders, receivers
+
+
+def sender_class(kind: TransportKind | str) -> type[BucketSender]:
+    return _registry()[0][TransportKind(kind)]
 
 
 def make_receiver(kind: TransportKind | str) -> BucketReceiver:
-    kind = TransportKind(kind)
-    return RECEIVERS[kind]()
+    return _registry()[1][TransportKind(kind)]()
 
 
 def descriptor_kind(descriptor: Descriptor) -> TransportKind:
@@ -447,5 +433,4 @@ def descriptor_kind(descriptor: Descriptor) -> TransportKind:
 
 def make_sender(kind: TransportKind | str, **options: Any) -> BucketSender:
     """A sender of `kind`; `options` go to its constructor (NCCL needs `options=NcclOptions`)."""
-    kind = TransportKind(kind)
-    return SENDERS[kind](**options)
+    return sender_class(kind)(**options)

@@ -120,11 +120,21 @@ class GRPORun:
     def _start_rollout_side(self, init_dir: str) -> None:
         from megatron_ace.rollout.engine import (
             DType,
+            Placement,
             RolloutEngineConfig,
             VllmRolloutEngine,
         )
-        from megatron_ace.rollout.weight_sync import WeightSyncConfig, WeightSyncer
+        from megatron_ace.rollout.weight_sync import (
+            WeightSyncConfig,
+            WeightSyncer,
+            resolve_transport,
+        )
 
+        # The engine lives on rank 0's host and device: shared memory on CPU, CUDA IPC on GPU
+        # (resolved first, so a choice this machine cannot run fails before the engine starts).
+        transport = resolve_transport(self.cfg.rollout.weight_sync_transport,
+                                      placement=Placement.COLOCATED,
+                                      field="rollout.weight_sync_transport")
         max_response = max(self.max_response_tokens, self.cfg.eval.max_response_tokens)
         self.engine = VllmRolloutEngine(RolloutEngineConfig(
             model_path=init_dir,
@@ -136,7 +146,11 @@ class GRPORun:
             # trainer ranks its engine core runs in a process of its own.
             in_process=self.ps.world_size == 1))
         self.syncer = WeightSyncer(self.engine, WeightSyncConfig(
-            bucket_bytes=self.cfg.rollout.bucket_mb << 20))
+            bucket_bytes=self.cfg.rollout.bucket_mb << 20, transport=transport))
+        if self.ps.tp_size == 1:
+            # At TP1 the synced HF tensors are views of the parameters: in shared memory the
+            # engine reads them where they lie, with no copy per sync (a no-op elsewhere).
+            self.syncer.share_parameters(self._model().parameters())
         self.rewards = self._reward_pool(self.cfg.data.domain)
 
     def _reward_pool(self, domain: Any) -> Any:

@@ -18,6 +18,7 @@ from megatron_ace.data.layouts import FieldMap
 from megatron_ace.data.packing import BatchMode
 from megatron_ace.data.tables import BadRowPolicy
 from megatron_ace.model.parallel import ParallelConfig
+from megatron_ace.rollout.weight_sync import TransportChoice
 from megatron_ace.train.config import (CheckpointConfig, LoggingConfig, LRDecay, ModelSection,
                                        OptimConfig, Precision)
 
@@ -81,6 +82,10 @@ class RolloutConfig:
     """Share of GPU memory the engine may take (GPU only)."""
     bucket_mb: int = 256
     """Weight-sync bucket size."""
+    weight_sync_transport: TransportChoice = TransportChoice.AUTO
+    """How weights reach the engine: auto (shared memory on CPU, CUDA IPC on GPU), bytes,
+    shared_memory or cuda_ipc. nccl needs an engine on GPUs of its own, which `ace grpo`
+    does not start."""
     check_parity: bool = True
     """Compare trainer and engine logprobs of the sampled tokens every step (a metric)."""
 
@@ -90,6 +95,13 @@ class RolloutConfig:
                 raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.weight_sync_transport, TransportChoice):
+            raise TypeError(f"rollout.weight_sync_transport must be a TransportChoice, got "
+                            f"{self.weight_sync_transport!r}")
+        if self.weight_sync_transport is TransportChoice.NCCL:
+            raise ValueError("rollout.weight_sync_transport: 'nccl' needs an engine on GPUs of "
+                             "its own; `ace grpo` runs the engine on the trainer's rank 0 (use "
+                             "'auto' or 'cuda_ipc')")
 
 
 @dataclasses.dataclass(kw_only=True)
