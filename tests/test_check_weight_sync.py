@@ -90,6 +90,7 @@ def test_gpu_transport_is_refused_before_any_work(checkpoints):
     assert "--transport: 'cuda_ipc' needs CUDA" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.numerics
 def test_tokenizer_prompts_sync_matches(checkpoints, tmp_path):

@@ -68,7 +68,7 @@ def _run_grpo(root, hf_dir, prompts, out, tp: int):
 
 @pytest.mark.vllm
 @pytest.mark.numerics
-@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["tp1", "tp2"])
 def test_grpo_sync_parity_and_on_policy_ratio(policy_and_prompts, tmp_path, tp):
     root, hf_dir, prompts = policy_and_prompts
     steps = _run_grpo(root, hf_dir, prompts, tmp_path / "run", tp)

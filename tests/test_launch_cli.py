@@ -129,6 +129,7 @@ def test_local_dryrun_prints_the_node_script(launch_python, tmp_path):
     assert "export OMP_NUM_THREADS=1" in out and "CUDA_DEVICE_MAX_CONNECTIONS" not in out
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_local_executor_runs_two_rank_sft_and_reports_success(launch_python, tmp_path):
     """nemo-run's LocalExecutor runs the node script here: torchrun, 2 gloo ranks, real trainer."""

@@ -36,6 +36,7 @@ def _run(args: list[str], nproc: int) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.numerics
 def test_logprobs_match_hf_after_tp2_to_pp2_relayout(tmp_path):
