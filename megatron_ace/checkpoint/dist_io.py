@@ -70,11 +70,13 @@ def _use_results_queue(async_save: bool) -> None:
 
 
 def save(sharded: dict[str, Any], directory: str | Path, *, dp_group: Any,
-         async_save: bool = False):
+         async_save: bool = False, common_view: Callable[[dict], dict] | None = None):
     """Write `sharded` (a sharded state dict) into the existing, empty `directory` (collective).
 
-    Returns None, or with `async_save` the `AsyncRequest` whose finalization completes the
-    checkpoint (megatron-core writes `.metadata` and `metadata.json` there)."""
+    `common_view` maps the non-sharded part to what must agree across ranks (megatron-core
+    compares it and warns; rank 0's is the one saved). Returns None, or with `async_save` the
+    `AsyncRequest` whose finalization completes the checkpoint (megatron-core writes
+    `.metadata` and `metadata.json` there)."""
     from megatron.core import dist_checkpointing
 
     from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
@@ -86,7 +88,8 @@ def save(sharded: dict[str, Any], directory: str | Path, *, dp_group: Any,
     if not getattr(torch_strategy, "_logged_mcore_async_deprecation", True):
         torch_strategy._logged_mcore_async_deprecation = True
     return dist_checkpointing.save(sharded, str(directory), _strategies(dp_group, save=True),
-                                   async_sharded_save=async_save, async_strategy="mcore")
+                                   async_sharded_save=async_save, async_strategy="mcore",
+                                   preprocess_common_before_consistancy_check=common_view)
 
 
 def load(sharded: dict[str, Any], directory: str | Path, *, dp_group: Any,

@@ -189,6 +189,16 @@ def _sharded_state(model_chunks: list[torch.nn.Module], opt: TrainOptimizer, ps:
     return sharded
 
 
+def _rank_independent(common: dict[str, Any]) -> dict[str, Any]:
+    """The non-sharded state minus what differs between ranks by design: the
+    DistributedOptimizer's memory-efficient gather leaves its parameter state on DP rank 0."""
+    megatron = common.get("optimizer", {}).get("megatron")
+    if not isinstance(megatron, dict) or "param_state" not in megatron:
+        return common
+    rest = {k: v for k, v in megatron.items() if k != "param_state"}
+    return {**common, "optimizer": {**common["optimizer"], "megatron": rest}}
+
+
 def _clear_leftovers(root: Path) -> None:
     """Remove what an interrupted save or commit left behind (rank 0, nothing in flight)."""
     for stale in [*root.glob(".tmp-step_*"), *root.glob("step_*.old-*")]:
@@ -235,7 +245,8 @@ def save_training_state(root: str | Path, *, step: int, model_chunks: list[torch
         "optimizer": {"backend": _optimizer_kind(opt), "saved": with_optimizer},
         "schedule": sched.state_dict(), "extra": extra or {},
     }
-    request = dist_io.save(sharded, tmp, dp_group=ps.dp_group, async_save=async_save)
+    request = dist_io.save(sharded, tmp, dp_group=ps.dp_group, async_save=async_save,
+                           common_view=_rank_independent)
     if request is None:
         _commit(tmp, final, meta, keep_last, ps)
         return final
