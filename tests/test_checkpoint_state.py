@@ -207,3 +207,34 @@ def test_training_starts_from_a_converted_checkpoint(ps, tmp_path):
     from_mcore = build_trainer(section.resolve(), ps, OptimConfig(), mcore_path=str(converted), **kw)
     want, got = _weights(from_hf), _weights(from_mcore)
     assert set(want) == set(got) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_previous_format_is_still_read_at_its_layout(ps, tmp_path, caplog):
+    """A checkpoint of the previous release (per-rank torch.save files, format_version 1),
+    written here from that format's description, resumes exactly; the next save is torch_dist."""
+    import json
+    import random
+
+    import numpy as np
+
+    from megatron_ace.train.state import read_meta
+
+    trainer = _trainer(ps)
+    _train(trainer, ps, range(2))
+    old = tmp_path / "ckpt" / "step_00000002"
+    old.mkdir(parents=True)
+    torch.save([trainer.model.state_dict()], old / "model_tp00_pp00.pt")
+    torch.save({"optimizer": trainer.opt.state_dict(), "schedule": trainer.sched.state_dict()},
+               old / "optim_tp00_pp00_dp000.pt")
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state()}, old / "rng_rank00000.pt")
+    (old / "meta.json").write_text(json.dumps({
+        "format_version": 1, "step": 2, "data_state": {"consumed": 2},
+        "layout": {"tp": 1, "pp": 1, "dp": 1}, "shards_optimizer_over_dp": False, "extra": {}}))
+    want = _train(trainer, ps, range(2, 4))
+    fresh = _trainer(ps)
+    with caplog.at_level("WARNING"):
+        assert _load(fresh, ps, old).step == 2
+    assert "previous checkpoint format" in caplog.text
+    assert _train(fresh, ps, range(2, 4)) == want
+    assert read_meta(_save(fresh, ps, tmp_path / "ckpt", 4))["format"] == "torch_dist"

@@ -294,6 +294,7 @@ def load_training_state(path: str | Path, *, model_chunks: list[torch.nn.Module]
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path / META_FILE}: format_version {meta.get('format_version')!r} is "
                          f"not one this version reads ({FORMAT_VERSION})")
+    dist_io.verify_files(path)  # before anything is allocated or read
     _check_model_shape(path, meta, _unwrap(model_chunks[0]))
     saved_backend = meta["optimizer"]["backend"]
     if meta["optimizer"]["saved"] and saved_backend != _optimizer_kind(opt):
