@@ -118,7 +118,9 @@ def test_checkpoint_loads_with_megatron_core_into_a_fresh_model(runs, tmp_path):
 # `ace grpo` (real vLLM engine, math-verify) at TP2 for 4 steps with a checkpoint at step 2, then
 # from that checkpoint at another layout. Step 3's rollouts come from the very weights of the
 # checkpoint (per-request seeds), so rewards must be equal; the policy loss then differs only
-# by the layouts' float rounding (same bound as SFT). Further layouts run with `make test-slow`.
+# by the layouts' float rounding (same bound as SFT). Slow (each case starts vLLM in two runs,
+# ~2-3 minutes on 2 cores): `make test-slow`, or
+#     PYTHONPATH=. .venv/bin/python -m pytest -q -m slow tests/test_resume_layouts.py -k grpo
 GRPO_STEPS, GRPO_SAVE_AT = 4, 2
 GRPO_RESUMES = {"tp1": ("tp2", 1, []), "pp2": ("tp2", 2, ["parallel.pp=2"]),
                 "dp1": ("dp2", 1, [])}
@@ -181,11 +183,11 @@ def _grpo_case(inputs, resumed: str) -> tuple[dict, dict]:
     return runs[original], _grpo(inputs, resumed, nproc, overrides, resume_from=ckpt)
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.dist
 @pytest.mark.numerics
-@pytest.mark.parametrize("resumed", [
-    "tp1", pytest.param("pp2", marks=pytest.mark.slow), pytest.param("dp1", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("resumed", sorted(GRPO_RESUMES))
 def test_grpo_resumed_at_another_layout_continues(grpo_inputs, resumed):
     want, got = _grpo_case(grpo_inputs, resumed)
     assert sorted(want) == list(range(1, GRPO_STEPS + 1))
