@@ -27,6 +27,7 @@ BENCHES=(
   "code_reward|--tests 400 --workers 2"
   "train_step|"
   "convert|--preset tiny --preset qwen2.5-0.5b"
+  "checkpoint|--preset qwen2.5-0.5b"
   "rollout|"
   "weight_sync|"
   "grpo_update|"

@@ -90,10 +90,13 @@ def _same(a, b):
 
 
 def _adam_steps(ckpt):
-    state = torch.load(next(ckpt.glob("optim_*.pt")), weights_only=False)["optimizer"]["optimizer"]
-    steps = {int(s["step"]) for s in state["state"].values()}
-    assert len(steps) <= 1, steps
-    return steps.pop() if steps else 0
+    """AdamW's step count as stored in the torch_dist checkpoint (read by megatron-core)."""
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if not meta["optimizer"]["saved"]:
+        return 0
+    return int(load_common_state_dict(ckpt)["optimizer"]["num_steps"])
 
 
 @pytest.mark.vllm
@@ -121,12 +124,12 @@ def test_killed_curriculum_resumes_step_for_step(tiny_policy, tmp_path):
             if attempt == 1:  # killed after step 7: damage the newest checkpoint (step 6) ...
                 ckpts = sorted((killed_out / "checkpoints").glob("step_*"))
                 assert [c.name for c in ckpts] == ["step_00000004", "step_00000006"]
-                model_file = next(ckpts[-1].glob("model_*.pt"))
-                model_file.write_bytes(model_file.read_bytes()[:1000])
+                shard = next(ckpts[-1].glob("*.distcp"))
+                shard.write_bytes(shard.read_bytes()[:1000])
                 # ... and leave a half-written one behind, as a kill during a save does.
                 half = killed_out / "checkpoints" / ".tmp-step_00000008"
                 half.mkdir()
-                (half / "model_tp00_pp00.pt.part").write_bytes(b"\0" * 100)
+                (half / "__0_0.distcp").write_bytes(b"\0" * 100)
         out, _ = straight.communicate(timeout=300)
         assert straight.returncode == 0, out[-4000:]
     finally:

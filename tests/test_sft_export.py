@@ -63,6 +63,7 @@ def test_loss_drops_well_below_start(run_dir):
 
 def _megatron_logprobs(run_dir, tokens_BS: torch.Tensor) -> torch.Tensor:
     """Logprobs of tokens[:, 1:] from a Megatron model loaded from the final checkpoint."""
+    from megatron_ace.checkpoint.dist_io import load_model
     from megatron_ace.config.base import load_json
     from megatron_ace.model.builder import build_model
     from megatron_ace.model.forward import forward_logprobs
@@ -77,8 +78,7 @@ def _megatron_logprobs(run_dir, tokens_BS: torch.Tensor) -> torch.Tensor:
         model = build_model(model_cfg, ps)
         ckpt = latest_checkpoint(run_dir / "checkpoints")
         assert ckpt is not None and ckpt.name == f"step_{NUM_STEPS:08d}"
-        state = torch.load(ckpt / "model_tp00_pp00.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict(state[0])
+        load_model(model, ckpt, dp_group=ps.dp_group, prefix="model.")
         out = forward_logprobs(model, [{"tokens": tokens_BS}], ps, vocab_size=model_cfg.vocab_size)
         return out[0]["logp"]
     finally:

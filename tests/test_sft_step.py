@@ -194,7 +194,8 @@ def test_state_round_trip_continues_exactly(ps, tmp_path, backend):
 
 @pytest.mark.numerics
 def test_mcore_backend_equals_torch_backend(ps):
-    """megatron-core DDP + FP32Optimizer (CPU-patched) trains like torch AdamW + our reductions."""
+    """megatron-core DDP + FP32Optimizer, and its DistributedOptimizer (both CPU-patched), train
+    like torch AdamW + our reductions."""
     from megatron_ace.model.config import preset
     from megatron_ace.train.config import OptimBackend
 
@@ -202,27 +203,18 @@ def test_mcore_backend_equals_torch_backend(ps):
     batches = [[_cat(_rows(2, 32, 128, seed=s))] for s in range(4)]
     init = _tensors(_build(ps, model_cfg).state_dict())
     curves = {}
-    for backend in (OptimBackend.TORCH, OptimBackend.MCORE):
+    for backend, distributed in ((OptimBackend.TORCH, False), (OptimBackend.MCORE, False),
+                                 (OptimBackend.MCORE, True)):
         optim_cfg = OptimConfig(lr=1e-3, warmup_steps=1, weight_decay=0.1, clip_grad=0.5,
-                                backend=backend, distributed=False)
-        curves[backend] = _train(ps, model_cfg, init, optim_cfg, batches, 4)
+                                backend=backend, distributed=distributed)
+        curves[backend, distributed] = _train(ps, model_cfg, init, optim_cfg, batches, 4)
     # Same math on one rank; the backends sum the gradient norm in another order, and the clip
     # factor scales every gradient alike (AdamW's update is scale-invariant but for eps): the
     # losses (13 loss tokens each) agree to the rounding of their sums.
-    assert curves[OptimBackend.MCORE] == pytest.approx(curves[OptimBackend.TORCH],
-                                                       rel=reorder_rtol(3 + 10))
-    assert curves[OptimBackend.TORCH][-1] < curves[OptimBackend.TORCH][0]
-
-
-def test_distributed_optimizer_on_cpu_is_refused(ps):
-    from megatron_ace.model.config import preset
-    from megatron_ace.train.config import OptimBackend
-
-    if torch.cuda.is_available():
-        pytest.skip("the refusal is CPU-only")
-    model = _build(ps, preset("tiny", vocab_size=128))
-    with pytest.raises(ValueError, match="optim.distributed"):
-        build_optimizer([model], OptimConfig(backend=OptimBackend.MCORE, distributed=True), ps)
+    want = curves[OptimBackend.TORCH, False]
+    for key in ((OptimBackend.MCORE, False), (OptimBackend.MCORE, True)):
+        assert curves[key] == pytest.approx(want, rel=reorder_rtol(3 + 10)), key
+    assert want[-1] < want[0]
 
 
 @pytest.mark.numerics

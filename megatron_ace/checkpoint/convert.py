@@ -1,11 +1,15 @@
-"""Offline, streaming conversion between HF safetensors and the megatron-ace Megatron layout.
+"""Offline, streaming conversion between HF safetensors and megatron-core torch_dist checkpoints.
 
 Every direction walks mapping.py's table in `iter_rules` order: read the HF tensors of one rule
-(lazily, from an HF directory or by un-sharding a Megatron checkpoint's rank files), merge them
-into the full Megatron tensor, and stream each rank's slice into that rank's open writer. Peak
-memory is about one rule's tensors plus what is being written, not the model. Merge, split,
-shard and un-shard are pure permutations, so HF -> Megatron -> HF is bit-identical and dtypes
-are never cast. Output directories are committed atomically (atomic.py).
+(lazily, from an HF directory, or one layer at a time from a torch_dist checkpoint), merge them
+into the full Megatron tensor, and stream its TP chunks into the torch_dist writer
+(`torch_dist.py`), or split it back into HF tensors. Peak memory is about one rule's tensors,
+not the model. Merge, split, shard and un-shard are pure permutations, so HF -> Megatron -> HF
+is bit-identical and dtypes are never cast. Output directories are committed atomically
+(atomic.py): an existing output is replaced only by a complete new one.
+
+The previous release's safetensors-per-rank checkpoints are still read (`LegacySource`);
+`relayout` rewrites one as torch_dist.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 
 from megatron_ace.checkpoint import atomic
 from megatron_ace.checkpoint import mcore_format as F
+from megatron_ace.checkpoint import torch_dist as D
 from megatron_ace.checkpoint.safetensors_stream import (INDEX_NAME, LazyReader, StreamingWriter,
                                                         TensorEntry)
 from megatron_ace.model import mapping as M
@@ -71,12 +76,12 @@ class HFSource:
         return [self.reader.get(n) for n in M.expand(rule, layer)[1]]
 
 
-class McoreSource:
-    """HF tensors of each rule, rebuilt by un-sharding a Megatron checkpoint's rank files."""
+class LegacySource:
+    """HF tensors of each rule, rebuilt from the previous release's safetensors-per-rank files."""
 
-    def __init__(self, mcore_dir: str | Path) -> None:
+    def __init__(self, mcore_dir: str | Path, meta: F.CheckpointMeta) -> None:
         self.dir = Path(mcore_dir)
-        self.meta = F.read_meta(mcore_dir)
+        self.meta = meta
         self._readers: dict[tuple[int, int], LazyReader] = {}
         for t in range(self.meta.tp):
             for p in range(self.meta.pp):
@@ -92,10 +97,13 @@ class McoreSource:
                         raise ValueError(f"{path}: {name}: expected shape {shape}, "
                                          f"found {reader.shape(name)}")
                 self._readers[(t, p)] = reader
+        # Rules are matched by their HF names: the files use the names of their layer spec.
+        self._rules = {r.hf: r for r in M.rules(meta.model, meta.spec)}
 
     def full(self, rule: M.Rule, layer: int | None) -> torch.Tensor:
         """The full Megatron tensor of a rule (vocabulary still padded)."""
         cfg, meta = self.meta.model, self.meta
+        rule = self._rules[rule.hf]
         stage = next(s for s in range(meta.pp) if M.on_stage(rule, layer, s, meta.pp, cfg))
         offset = M.pp_layer_range(cfg.num_layers, meta.pp, stage).start
         name = M.local_name(M.expand(rule, layer)[0], layer, offset)
@@ -106,36 +114,34 @@ class McoreSource:
         return M.split_hf(rule, self.full(rule, layer), self.meta.model)
 
 
-def write_mcore(source: RuleSource, meta: F.CheckpointMeta, out_dir: Path) -> int:
-    """Stream every rule from `source` into all rank files of `meta`'s layout; returns bytes."""
-    cfg = meta.model
-    (out_dir / "model").mkdir(parents=True, exist_ok=True)
-    writers, plans = {}, {}
-    try:
-        for t in range(meta.tp):
-            for p in range(meta.pp):
-                entries = F.rank_entries(meta, t, p)
-                plans[(t, p)] = {(r.mcore, layer): e for e, r, layer in entries}
-                writers[(t, p)] = StreamingWriter(F.rank_file(out_dir, t, p),
-                                                  [e for e, _, _ in entries])
-        total = 0
-        for rule, layer in M.iter_rules(cfg, meta.spec):
-            full = M.merge_hf(rule, source(rule, layer), cfg, meta.padded_vocab)
-            if full.dtype != meta.torch_dtype:
-                raise ValueError(f"{M.expand(rule, layer)[0]}: dtype {full.dtype}, "
-                                 f"checkpoint dtype is {meta.dtype}")
-            for (t, p), plan in plans.items():
-                entry = plan.get((rule.mcore, layer))
-                if entry is not None:
-                    writers[(t, p)].write(entry.name, M.shard(rule, full, t, meta.tp))
-                    total += entry.num_bytes
-        for w in writers.values():
-            w.close()
-        return total
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
+class DistSource:
+    """HF tensors of each rule, read one layer at a time from a torch_dist checkpoint (a model
+    checkpoint or a training checkpoint, whose model tensors have the same names)."""
+
+    def __init__(self, directory: str | Path, meta: F.CheckpointMeta) -> None:
+        self.meta = meta
+        self.reader = D.DistReader(directory)
+        self.padded_vocab = D.check_model_keys(self.reader, meta.model)
+        self.dtype = self.reader.dtype("embedding.word_embeddings.weight")
+        # Rules are matched by their HF names: the checkpoint uses the TE spec's names.
+        self._te_rules = {r.hf: r for r in M.rules(meta.model, M.Spec.TE)}
+
+    def full(self, rule: M.Rule, layer: int | None) -> torch.Tensor:
+        """The full Megatron tensor of a rule (vocabulary still padded)."""
+        return self.reader.read(D.dist_key(self._te_rules[rule.hf]), layer)
+
+    def __call__(self, rule: M.Rule, layer: int | None) -> list[torch.Tensor]:
+        return M.split_hf(rule, self.full(rule, layer), self.meta.model)
+
+
+def open_source(directory: str | Path) -> tuple[RuleSource, F.CheckpointMeta]:
+    """A rule source over a Megatron checkpoint of either format, and its meta."""
+    meta = F.read_meta(directory)
+    if meta.format == F.SAFETENSORS_PER_RANK:
+        return LegacySource(directory, meta), meta
+    source = DistSource(directory, meta)
+    meta.padded_vocab = source.padded_vocab
+    return source, meta
 
 
 def _hf_plan(cfg: Qwen2Config, dtype: torch.dtype, max_shard_bytes: int
@@ -198,12 +204,14 @@ def _report(what: str, nbytes: int, t0: float) -> None:
 
 def _write_checkpoint(source: RuleSource, meta: F.CheckpointMeta, out: Path, *,
                       tokenizer_src: Path | None) -> int:
-    """Shards, tokenizer and meta into `<out>.tmp`, then one atomic rename; returns bytes."""
+    """torch_dist tensors, tokenizer and meta into `<out>.tmp`, then one atomic rename; returns
+    bytes. An existing `out` is left untouched until the new checkpoint is complete."""
     tmp = atomic.tmp_dir_for(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        nbytes = write_mcore(source, meta, tmp)
+        nbytes = D.write_model(source, meta.model, tp=meta.tp, padded_vocab=meta.padded_vocab,
+                               dtype=meta.torch_dtype, out_dir=tmp)
         if tokenizer_src is not None and _copy_tokenizer(tokenizer_src, tmp / "tokenizer"):
             meta.tokenizer_dir = "tokenizer"
         F.write_meta(tmp, meta)
@@ -215,8 +223,8 @@ def _write_checkpoint(source: RuleSource, meta: F.CheckpointMeta, out: Path, *,
 
 
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1,
-                rope_theta: float | None = None, spec: M.Spec = M.Spec.LOCAL) -> Path:
-    """Convert an HF Qwen2 directory into a Megatron checkpoint at (tp, pp)."""
+                rope_theta: float | None = None) -> Path:
+    """Convert an HF Qwen2 directory into a torch_dist checkpoint chunked for (tp, pp)."""
     hf_dir, out = Path(hf_dir), Path(out)
     t0 = time.perf_counter()
     overrides = {} if rope_theta is None else {"rope_theta": rope_theta}
@@ -224,32 +232,31 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
     source = HFSource(hf_dir, cfg)
     dtype_name = str(source.dtype).removeprefix("torch.")
     meta = F.CheckpointMeta(model=cfg.replace(torch_dtype=dtype_name), tp=tp, pp=pp,
-                            dtype=dtype_name, spec=spec)
+                            dtype=dtype_name)
     nbytes = _write_checkpoint(source, meta, out, tokenizer_src=hf_dir)
     _report(f"hf-to-mcore tp={tp} pp={pp}", nbytes, t0)
     return out
 
 
-def relayout(mcore_dir: str | Path, out: str | Path, *, tp: int, pp: int,
-             spec: M.Spec | None = None) -> Path:
-    """Re-shard a Megatron checkpoint to another (tp, pp) (and optionally another spec)."""
+def relayout(mcore_dir: str | Path, out: str | Path, *, tp: int, pp: int) -> Path:
+    """Rewrite a Megatron checkpoint (either format, or a training checkpoint's model) as a
+    torch_dist model checkpoint chunked for (tp, pp)."""
     t0 = time.perf_counter()
-    source = McoreSource(mcore_dir)
-    old = source.meta
+    source, old = open_source(mcore_dir)
     meta = F.CheckpointMeta(model=old.model, tp=tp, pp=pp, dtype=old.dtype,
-                            spec=old.spec if spec is None else spec, iteration=old.iteration)
+                            iteration=old.iteration)
     tokenizer_src = Path(mcore_dir) / old.tokenizer_dir if old.tokenizer_dir else None
     nbytes = _write_checkpoint(source, meta, Path(out), tokenizer_src=tokenizer_src)
     _report(f"relayout tp={old.tp} pp={old.pp} -> tp={tp} pp={pp}", nbytes, t0)
-    return out
+    return Path(out)
 
 
 def mcore_to_hf(mcore_dir: str | Path, out: str | Path,
                 max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Export a Megatron checkpoint as HF safetensors + config + tokenizer files."""
+    """Export a Megatron checkpoint (either format, or a training checkpoint's model) as HF
+    safetensors + config + tokenizer files."""
     t0 = time.perf_counter()
-    source = McoreSource(mcore_dir)
-    meta = source.meta
+    source, meta = open_source(mcore_dir)
     out = Path(out)
     tmp = atomic.tmp_dir_for(out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -273,14 +280,20 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path,
 
 
 def load_into_model(model, mcore_dir: str | Path, cfg: Qwen2Config, ps) -> None:
-    """Fill a live model (any TP/PP) from a Megatron checkpoint (any TP/PP).
+    """Fill a live model (any TP/PP) from a Megatron checkpoint (any TP/PP); collective.
 
-    Same layout: each rank loads its own file after a strict key check. Otherwise the full
-    tensors are rebuilt from the checkpoint's shards through the mapping and re-sharded.
+    torch_dist: megatron-core's own distributed load (every rank reads what it holds). The
+    previous safetensors-per-rank format: each rank loads its own file at the same layout,
+    otherwise the full tensors are rebuilt from the shards through the mapping and re-sharded.
     """
+    from megatron_ace.checkpoint.dist_io import load_model
     from megatron_ace.model.weights import load_hf_into_model
 
     meta = F.read_meta(mcore_dir)
+    if meta.format == F.TORCH_DIST:
+        D.check_model_keys(D.DistReader(mcore_dir), cfg)
+        load_model(model, mcore_dir, dp_group=ps.dp_group)
+        return
     if (meta.tp, meta.pp, meta.spec) == (ps.tp_size, ps.pp_size, model.ace_spec):
         state = F.load_rank_state(mcore_dir, ps.tp_rank, ps.pp_rank)
         F.check_keys(model, state, f"{mcore_dir} tp{ps.tp_rank} pp{ps.pp_rank}")
@@ -288,7 +301,7 @@ def load_into_model(model, mcore_dir: str | Path, cfg: Qwen2Config, ps) -> None:
             for k, v in state.items():
                 model.state_dict()[k].copy_(v)
         return
-    source = McoreSource(mcore_dir)
+    source = LegacySource(mcore_dir, meta)
     owner = {}
     for rule, layer in M.iter_rules(cfg, meta.spec):
         for i, name in enumerate(M.expand(rule, layer)[1]):

@@ -1,12 +1,18 @@
-"""The on-disk Megatron checkpoint layout of megatron-ace.
+"""The on-disk Megatron model checkpoints of megatron-ace: what `ace_checkpoint.json` says.
 
-A checkpoint is a directory holding `ace_checkpoint.json` (format version, the model as an HF
-config dict, tp, pp, padded vocabulary, layer spec, dtype, iteration, tokenizer dir) and one
-safetensors file per model-parallel rank, `model/tp{t:02d}_pp{p:03d}.safetensors`, holding that
-rank's LOCAL Megatron state-dict names (stage-local layer indices; `_extra_state` dropped), so a
-rank loads with `model.load_state_dict(..., strict=False)` after `check_keys`. The names and
-shapes of each rank file are derived from mapping.py alone (`rank_entries`), so the offline
-converter and a live model agree. Optimizer state is not stored here.
+A model checkpoint (what `tools/convert_checkpoint.py` writes) is a directory holding
+`ace_checkpoint.json` (format version, storage format, the model as an HF config dict, the TP/PP
+it was chunked for, padded vocabulary, dtype, iteration, tokenizer dir) and the tensors in one of
+two storage formats:
+- `torch_dist` (format version 2, written now): megatron-core's distributed checkpoint, laid out
+  as `torch_dist.py` describes; it loads at any TP/PP;
+- `safetensors-per-rank` (format version 1, the previous release; read, never written): one
+  safetensors file per model-parallel rank, `model/tp{t:02d}_pp{p:03d}.safetensors`, holding
+  that rank's LOCAL state-dict names (stage-local layer indices; `_extra_state` dropped). Still
+  readable for one release; `convert_checkpoint.py relayout` rewrites it as torch_dist.
+A training checkpoint (`<run>/checkpoints/step_*`, train/state.py) is read as a model checkpoint
+too: its `meta.json` holds the model config and its torch_dist files hold the model's tensors
+under the same names (next to the optimizer's).
 """
 
 from __future__ import annotations
@@ -18,12 +24,18 @@ from typing import Any
 
 import torch
 
-from megatron_ace.checkpoint.safetensors_stream import LazyReader, StreamingWriter, TensorEntry
+from megatron_ace.checkpoint.safetensors_stream import LazyReader, TensorEntry
 from megatron_ace.model import mapping as M
 from megatron_ace.model.config import Qwen2Config
+from megatron_ace.utils.logging import get_logger
 
-FORMAT_VERSION = 1
+log = get_logger(__name__)
+
+FORMAT_VERSION = 2
 META_NAME = "ace_checkpoint.json"
+TORCH_DIST = "torch_dist"
+SAFETENSORS_PER_RANK = "safetensors-per-rank"
+_TRAINING_META = "meta.json"  # train/state.py's META_FILE (checkpoint/ cannot import train/)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -44,6 +56,8 @@ class CheckpointMeta:
     """Training iteration the weights belong to."""
     tokenizer_dir: str | None = None
     """Tokenizer files, relative to the checkpoint directory."""
+    format: str = TORCH_DIST
+    """Storage format of the tensors: torch_dist, or the previous safetensors-per-rank."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp"):
@@ -57,16 +71,20 @@ class CheckpointMeta:
                              f"{self.model.num_query_groups} not divisible by tp {self.tp}")
         if not self.padded_vocab:
             self.padded_vocab = M.padded_vocab_size(self.model.vocab_size, self.tp)
+        if self.format not in (TORCH_DIST, SAFETENSORS_PER_RANK):
+            raise ValueError(f"CheckpointMeta.format: unknown storage format {self.format!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "hf_config": self.model.to_hf_config(),
-                "tp": self.tp, "pp": self.pp, "dtype": self.dtype, "spec": self.spec.value,
-                "padded_vocab": self.padded_vocab, "iteration": self.iteration,
-                "tokenizer_dir": self.tokenizer_dir}
+        if self.format != TORCH_DIST:
+            raise ValueError(f"{self.format} checkpoints are read, no longer written")
+        return {"format_version": FORMAT_VERSION, "format": self.format,
+                "hf_config": self.model.to_hf_config(), "tp": self.tp, "pp": self.pp,
+                "dtype": self.dtype, "spec": self.spec.value, "padded_vocab": self.padded_vocab,
+                "iteration": self.iteration, "tokenizer_dir": self.tokenizer_dir}
 
 
 def write_meta(directory: str | Path, meta: CheckpointMeta) -> None:
@@ -74,17 +92,44 @@ def write_meta(directory: str | Path, meta: CheckpointMeta) -> None:
 
 
 def read_meta(directory: str | Path) -> CheckpointMeta:
+    """The meta of a model checkpoint (either format) or of a training checkpoint."""
     path = Path(directory, META_NAME)
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: not a megatron-ace checkpoint (no {META_NAME})")
+        if Path(directory, _TRAINING_META).is_file():
+            return _training_meta(Path(directory))
+        raise FileNotFoundError(f"{directory}: not a megatron-ace checkpoint (no {META_NAME} "
+                                f"or {_TRAINING_META})")
     raw = json.loads(path.read_text())
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {raw.get('format_version')} "
-                         f"!= {FORMAT_VERSION}")
+    version = raw.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        raise ValueError(f"{path}: format_version {version!r} is not one this version reads "
+                         f"(1, {FORMAT_VERSION})")
+    fmt = raw.get("format", TORCH_DIST) if version == FORMAT_VERSION else SAFETENSORS_PER_RANK
+    if fmt == SAFETENSORS_PER_RANK:
+        log.warning("%s is in the previous safetensors-per-rank layout: still read in this "
+                    "release, not in the next; `tools/convert_checkpoint.py relayout` rewrites "
+                    "it as torch_dist", directory)
     return CheckpointMeta(model=Qwen2Config.from_hf_config(raw["hf_config"]), tp=raw["tp"],
                           pp=raw["pp"], dtype=raw["dtype"], spec=M.Spec(raw["spec"]),
                           padded_vocab=raw["padded_vocab"], iteration=raw.get("iteration", 0),
-                          tokenizer_dir=raw.get("tokenizer_dir"))
+                          tokenizer_dir=raw.get("tokenizer_dir"), format=fmt)
+
+
+def _training_meta(directory: Path) -> CheckpointMeta:
+    """A training checkpoint (`<run>/checkpoints/step_*`) seen as a model checkpoint."""
+    from megatron_ace.checkpoint.dist_io import read_index
+
+    raw = json.loads((directory / _TRAINING_META).read_text())
+    if raw.get("format") != TORCH_DIST or not raw.get("model"):
+        raise ValueError(f"{directory}: a training checkpoint of the previous format (per-rank "
+                         ".pt files); resume the run once to rewrite it as torch_dist")
+    embedding = read_index(directory).state_dict_metadata.get("embedding.word_embeddings.weight")
+    if embedding is None:
+        raise ValueError(f"{directory}: the checkpoint holds no embedding.word_embeddings.weight")
+    return CheckpointMeta(model=Qwen2Config.from_hf_config(raw["model"]),
+                          tp=raw["layout"]["tp"], pp=raw["layout"]["pp"],
+                          dtype=str(embedding.properties.dtype).removeprefix("torch."),
+                          padded_vocab=embedding.size[0], iteration=int(raw["step"]))
 
 
 def rank_file(directory: str | Path, tp_rank: int, pp_rank: int) -> Path:
@@ -132,19 +177,3 @@ def check_keys(model, state: dict[str, torch.Tensor], where: str = "") -> None:
     if missing or extra or bad:
         raise ValueError(f"{where}: checkpoint does not fit the model: missing {missing}, "
                          f"unexpected {extra}, {bad}")
-
-
-def save_model_shards(model, directory: str | Path, tp_rank: int, pp_rank: int) -> Path:
-    """Write this rank's local state dict to its rank file (call on dp_rank 0 only).
-
-    Every rank writes into the same (tmp) directory; see atomic.py for the commit. The rank
-    with tp_rank == pp_rank == 0 also writes the meta (`write_meta`), done by the caller.
-    """
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    path = rank_file(directory, tp_rank, pp_rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entries = [TensorEntry(name=k, shape=tuple(v.shape), dtype=v.dtype) for k, v in state.items()]
-    with StreamingWriter(path, entries) as writer:
-        for k, v in state.items():
-            writer.write(k, v)
-    return path

@@ -212,6 +212,63 @@ def _clip_grad_by_total_norm_cpu(parameters: Any, max_norm: float, total_norm: f
                 grad.mul_(coeff)
 
 
+# DistributedOptimizer methods that accept only CUDA tensor types: `param.type()` is compared
+# with 'torch.cuda.FloatTensor' / '...HalfTensor' / '...BFloat16Tensor'. On CPU the call reports
+# the CUDA name of the same dtype for the duration of these methods.
+_CUDA_TYPE_CHECKS: dict[str, str] = {
+    "_build_model_and_main_param_groups":
+        "distrib_optimizer.py:401,466 model_param.type() == 'torch.cuda.FloatTensor' else TypeError",
+    "__init__": "distrib_optimizer.py:758 param.type() in ['torch.cuda.HalfTensor', ...]",
+}
+
+
+def _tensor_type_reports_cuda(fn):
+    def wrapper(*args, **kwargs):
+        original = torch.Tensor.type
+
+        def cuda_type(self, *a, **k):
+            name = original(self, *a, **k)
+            if a or k or not isinstance(name, str) or not name.startswith("torch.") or ".cuda." in name:
+                return name
+            return "torch.cuda." + name[len("torch."):]
+
+        torch.Tensor.type = cuda_type
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def _step_key_tolerated(fn):
+    """distrib_optimizer.py:1229-1232 (`_set_main_param_and_optimizer_states`) copies every tensor
+    of the inner optimizer's state from the loaded tensors, `step` included, but the
+    fully_reshardable loader (:2392) leaves `step` out: a KeyError with torch's AdamW (TE's and
+    apex's Adam hold no `step` tensor). A missing key is skipped like a non-tensor one."""
+
+    def wrapper(self, model_param, tensors):
+        return fn(self, model_param, {"step": None, **tensors})
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def _patch_distributed_optimizer() -> None:
+    cls = importlib.import_module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
+    for name in _CUDA_TYPE_CHECKS:
+        method = cls.__dict__[name]
+        if isinstance(method, classmethod):
+            setattr(cls, name, classmethod(_tensor_type_reports_cuda(method.__func__)))
+        else:
+            setattr(cls, name, _tensor_type_reports_cuda(method))
+    cls._set_main_param_and_optimizer_states = _step_key_tolerated(
+        cls._set_main_param_and_optimizer_states)
+
+
 _optimizer_applied = False
 
 
@@ -236,5 +293,65 @@ def apply_optimizer_cpu_patches() -> bool:
     # optimizer.py imports the function by name; replace it where it is called.
     importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = \
         _clip_grad_by_total_norm_cpu
+    _patch_distributed_optimizer()
     _optimizer_applied = True
+    return True
+
+
+# ---- distributed checkpointing (megatron.core.dist_checkpointing on CPU) --------------------
+_CHECKPOINT_SHIMMED_MODULES: dict[str, str] = {
+    "megatron.core.dist_checkpointing.strategies.filesystem_async":
+        "filesystem_async.py:248 preload_tensors calls torch.cuda.synchronize",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver":
+        "state_dict_saver.py:204,252 failure/reuse flags on cuda",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel":
+        "fully_parallel.py:287,296 torch.cuda.synchronize around the load exchange",
+    "megatron.core.dist_checkpointing.strategies.async_utils":
+        "async_utils.py:224,273,698 done flags on current_device; synchronize before fork",
+    "megatron.core.dist_checkpointing.exchange_utils":
+        "exchange_utils.py:103,109,329 exchange buffers on device='cuda'",
+}
+
+# exchange_utils functions that move loaded shards with `Tensor.cuda()` (exchange_utils.py:339,
+# :506) and allocate missing shards with `ShardedTensor.init_data("cuda")` (:97, :105).
+_CHECKPOINT_CUDA_FUNCTIONS: dict[tuple[str, str], str] = {
+    ("megatron.core.dist_checkpointing.exchange_utils", "exchange_loaded_tensors_gather_rounds"):
+        "exchange_utils.py:339 all_loaded_tensors[shard_id].cuda()",
+    ("megatron.core.dist_checkpointing.exchange_utils", "exchange_loaded_tensors_broadcast"):
+        "exchange_utils.py:506 all_loaded_tensors[shard_id].cuda()",
+}
+_checkpoint_applied = False
+
+
+def _init_data_on_cpu(fn):
+    """ShardedTensor.init_data(device) with a CUDA device mapped to the CPU (mapping.py:260)."""
+
+    def init_data(self, device, init_fn=torch.empty):
+        return fn(self, _to_cpu_device(device), init_fn)
+
+    init_data.__wrapped__ = fn
+    return init_data
+
+
+def apply_checkpoint_cpu_patches() -> bool:
+    """CPU redirections of megatron-core's distributed checkpointing (torch_dist save/load,
+    fully parallel strategies, the fork-based async writer). Idempotent; False with CUDA."""
+    global _checkpoint_applied
+    if torch.cuda.is_available():
+        return False
+    apply_cpu_patches()
+    if _checkpoint_applied:
+        return True
+    shim = _CpuTorch()
+    shim.cuda = _cpu_cuda_with_streams()
+    for module_name in _CHECKPOINT_SHIMMED_MODULES:
+        module = importlib.import_module(module_name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = shim
+    for (module_name, fn_name), _why in _CHECKPOINT_CUDA_FUNCTIONS.items():
+        module = importlib.import_module(module_name)
+        setattr(module, fn_name, _tensor_cuda_is_identity(getattr(module, fn_name)))
+    mapping = importlib.import_module("megatron.core.dist_checkpointing.mapping")
+    mapping.ShardedTensor.init_data = _init_data_on_cpu(mapping.ShardedTensor.init_data)
+    _checkpoint_applied = True
     return True

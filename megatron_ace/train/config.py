@@ -64,9 +64,13 @@ class ResumeMode(enum.Enum):
 @dataclasses.dataclass(kw_only=True)
 class ModelSection:
     preset: str = "tiny"
-    """Named model shape (megatron_ace.model.config.PRESETS); ignored when `hf_path` is set."""
+    """Named model shape (megatron_ace.model.config.PRESETS); ignored when `hf_path` or
+    `mcore_path` is set."""
     hf_path: str = ""
     """HF model directory to start from (config.json + safetensors); "" = random init of `preset`."""
+    mcore_path: str = ""
+    """torch_dist model checkpoint to start from instead (`tools/convert_checkpoint.py
+    hf-to-mcore`, or a training checkpoint's `step_*` directory: its weights only)."""
     vocab_size: int = 0
     """Override the vocabulary size (0 keeps the preset's / checkpoint's)."""
     rope_theta: float = 0.0
@@ -77,6 +81,8 @@ class ModelSection:
     """Written into the exported HF config (-1 keeps the preset's)."""
 
     def __post_init__(self) -> None:
+        if self.hf_path and self.mcore_path:
+            raise ValueError("model.hf_path and model.mcore_path: set one of them, not both")
         for name in ("vocab_size", "max_position_embeddings"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
@@ -96,6 +102,13 @@ class ModelSection:
             overrides["eos_token_id"] = self.eos_token_id
         if self.hf_path:
             return Qwen2Config.from_hf_config(self.hf_path, **overrides)
+        if self.mcore_path:
+            from megatron_ace.checkpoint.mcore_format import read_meta
+
+            try:
+                return read_meta(self.mcore_path).model.replace(**overrides)
+            except FileNotFoundError as exc:
+                raise ValueError(f"model.mcore_path: {exc}") from None
         return preset(self.preset, **overrides)
 
 
@@ -180,6 +193,9 @@ class CheckpointConfig:
     """Save a checkpoint after the last step."""
     export_hf: bool = True
     """Write an HF model directory to `<out>/hf` at the end."""
+    async_save: bool = False
+    """Write interval checkpoints in a background process while training goes on (megatron-core
+    async save); each is committed when the next save starts, the final save is synchronous."""
 
     def __post_init__(self) -> None:
         if self.save_interval < 0:

@@ -16,10 +16,13 @@ metrics: the engine's per-request seeds derive from (seed, global step, prompt i
 same weights at the same step sample the same tokens. A checkpoint that cannot be read is moved
 aside (`.corrupt-step_*`) and the previous one is used; a checkpoint whose fingerprint differs
 from this run's config (other model weights, prompt files, stages, seeds...) is refused with the
-list of differing fields.
+list of differing fields. The parallel layout is not part of the fingerprint: restarting with
+another `parallel.tp` / `parallel.pp` / world size (e.g. after a stage ends, when longer stages
+want more model parallelism) resumes from the same checkpoint, resharded on load.
 
-What it does not do: overlap stages, change the parallel layout or engine size between stages,
-or give stages their own lr schedule (the base `optim` runs across the whole curriculum).
+What it does not do: overlap stages, change the parallel layout or engine size within one
+process, or give stages their own lr schedule (the base `optim` runs across the whole
+curriculum).
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ from megatron_ace.train.metrics import RL_HEADLINE, MetricsLogger
 from megatron_ace.train.sft import export_hf
 from megatron_ace.train.state import (
     META_FILE,
+    UnreadableCheckpoint,
+    finish_saves,
     list_checkpoints,
     load_training_state,
     save_training_state,
@@ -67,8 +72,8 @@ from megatron_ace.utils.logging import get_logger
 log = get_logger(__name__)
 
 SUMMARY_FILE = "curriculum_summary.json"
-# Failures of torch.load / unpickling on a truncated or damaged file.
-_UNREADABLE = (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError)
+# A checkpoint whose files are missing, truncated or damaged.
+_UNREADABLE = (UnreadableCheckpoint, OSError, EOFError, pickle.UnpicklingError)
 
 
 def reset_optimizer_moments(opt: Any) -> None:
@@ -221,10 +226,13 @@ class CurriculumRunner:
                  "temperature": run.temperature.state_dict(),
                  "temperature_now": run.temperature.temperature,
                  "plateau": self.plateau.state_dict(), "history": self.history}
+        ckpt = self.cfg.base.checkpoint
+        last = stage_done and self.stage + 1 == len(self.cfg.stages)
         save_training_state(self.out / "checkpoints", step=run.step_index,
                             model_chunks=run.trainer.opt.model_chunks, opt=run.trainer.opt,
                             sched=run.trainer.sched, data_state=self.stream.state_dict(),
-                            ps=run.ps, keep_last=self.cfg.base.checkpoint.keep_last, extra=extra)
+                            ps=run.ps, keep_last=ckpt.keep_last, extra=extra,
+                            async_save=ckpt.async_save and not last)
 
     def _check_fingerprint(self, path: Path) -> dict[str, Any]:
         """The checkpoint's `extra`; ValueError listing the fields that differ from this run."""
@@ -246,7 +254,7 @@ class CurriculumRunner:
             try:
                 info = load_training_state(path, model_chunks=self.run.trainer.opt.model_chunks,
                                            opt=self.run.trainer.opt, sched=self.run.trainer.sched,
-                                           ps=self.run.ps)
+                                           ps=self.run.ps, seed=self.cfg.base.seed)
             except _UNREADABLE as exc:
                 log.warning("checkpoint %s is unreadable (%s: %s); using the previous one",
                             path, type(exc).__name__, exc)
@@ -290,6 +298,7 @@ class CurriculumRunner:
             if self.stage + 1 == len(self.cfg.stages):
                 break
             self._start_stage(self.stage + 1, self.run.temperature.temperature)
+        finish_saves()
         self.logger.close()
         summary = {"steps": self.run.step_index, "stages": self.history}
         if self.cfg.base.checkpoint.export_hf:

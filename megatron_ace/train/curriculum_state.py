@@ -132,8 +132,10 @@ class PlateauTracker:
 
 # ---- fingerprint -----------------------------------------------------------------------------
 # Config fields that may change between a run and its resume: they do not change what the run
-# computes (where and how often it logs, evaluates or saves).
-RESUME_FREE_FIELDS = ("base.logging", "base.eval", "base.checkpoint", "eval_after_each_stage")
+# computes (where and how often it logs, evaluates or saves, and the parallel layout: checkpoints
+# reshard on load and the layouts agree within float rounding).
+RESUME_FREE_FIELDS = ("base.logging", "base.eval", "base.checkpoint", "base.parallel",
+                      "eval_after_each_stage")
 _PARTIAL_HASH_BYTES = 1 << 20
 
 

@@ -46,6 +46,7 @@ from megatron_ace.train.grpo_config import RECIPES, GRPOConfig, recipe
 from megatron_ace.train.metrics import RL_HEADLINE, MetricsLogger
 from megatron_ace.train.sft import build_trainer, export_hf, resolve_dtype
 from megatron_ace.train.state import (
+    finish_saves,
     latest_checkpoint,
     load_training_state,
     save_training_state,
@@ -91,7 +92,8 @@ class GRPORun:
         self.dtype = resolve_dtype(cfg.precision)
         self.trainer = build_trainer(self.model_cfg, self.ps, cfg.optim,
                                      total_steps=total_steps or cfg.steps,
-                                     dtype=self.dtype, hf_path=cfg.model.hf_path)
+                                     dtype=self.dtype, hf_path=cfg.model.hf_path,
+                                     mcore_path=cfg.model.mcore_path)
         self.tokenizer = prompt_data.load_tokenizer(cfg.data.tokenizer or cfg.model.hf_path)
         self.train_items = prompt_data.load_prompts(cfg.data.train_path, cfg.data, self.tokenizer)
         self.heldout = (prompt_data.load_prompts(cfg.data.heldout_path, cfg.data, self.tokenizer)
@@ -332,20 +334,23 @@ class GRPORun:
     def state_extra(self) -> dict[str, Any]:
         return {"version": self.version, "temperature": self.temperature.state_dict()}
 
-    def save(self) -> None:
+    def save(self, *, final: bool = False) -> None:
+        """Checkpoint this step; interval saves may run in the background, the final one not."""
         cfg = self.cfg
         save_training_state(self.out / "checkpoints", step=self.step_index,
                             model_chunks=self.trainer.opt.model_chunks, opt=self.trainer.opt,
                             sched=self.trainer.sched, data_state=self.sampler.state_dict(),
                             ps=self.ps, keep_last=cfg.checkpoint.keep_last,
-                            extra=self.state_extra())
+                            extra=self.state_extra(),
+                            async_save=cfg.checkpoint.async_save and not final)
 
     def maybe_resume(self) -> None:
         path = latest_checkpoint(self.out / "checkpoints")
         if path is None or self.cfg.checkpoint.resume.value == "never":
             return
         info = load_training_state(path, model_chunks=self.trainer.opt.model_chunks,
-                                   opt=self.trainer.opt, sched=self.trainer.sched, ps=self.ps)
+                                   opt=self.trainer.opt, sched=self.trainer.sched, ps=self.ps,
+                                   seed=self.cfg.seed)
         self.step_index = info.step
         self.sampler.load_state_dict(info.data_state)
         self.version = int(info.extra.get("version", 0))
@@ -382,7 +387,8 @@ def run_grpo(cfg: GRPOConfig, out: Path) -> dict[str, Any]:
         logger.log(run.step_index, {**summary["final"], "step": run.step_index})
         if cfg.checkpoint.save_at_end and run.step_index and not (
                 cfg.checkpoint.save_interval and run.step_index % cfg.checkpoint.save_interval == 0):
-            run.save()
+            run.save(final=True)
+        finish_saves()
         if cfg.checkpoint.export_hf:
             export_hf(run.trainer, out / "hf", tokenizer_dir=run._tokenizer_dir())
         logger.close()

@@ -2,15 +2,15 @@
 
 What it does:
 - `build_optimizer(model_chunks, cfg, ps)` returns a `TrainOptimizer`: one interface
-  (`zero_grad`, `finalize_grads`, `step -> StepOutcome`, `state_dict`, `load_state_dict`) over two
+  (`zero_grad`, `finalize_grads`, `step -> StepOutcome`, and `sharded_state_dict` /
+  `load_sharded_state_dict` for megatron-core's distributed checkpoints) over two
   backends, picked by `OptimBackend` through a registry:
   * `MCORE`: megatron-core's DDP wrapper + `get_megatron_optimizer` (AdamW; the
     DistributedOptimizer when `optim.distributed=True`; bf16 with fp32 master weights). The
     default with CUDA. Grads live in DDP's contiguous buffers and `finalize_model_grads` does
-    the DP all-reduce / reduce-scatter. It also runs on the CPU with `optim.distributed=false`
-    through `_cpu_patches_for_optimizer()` (DDP + FP32Optimizer; tested equal to TORCH); the
-    DistributedOptimizer itself is GPU-only (its `param.type() == 'torch.cuda.FloatTensor'`
-    checks, distrib_optimizer.py:466, would need a rewrite of a 100-line method to patch).
+    the DP all-reduce / reduce-scatter. It also runs on the CPU in float32 through
+    `_cpu_patches_for_optimizer()`: DDP + FP32Optimizer (tested equal to TORCH), or the
+    DistributedOptimizer with `optim.distributed=true` (its checkpoints tested across DP sizes).
   * `TORCH`: `torch.optim.AdamW` on the bare model with an explicit, coalesced DP gradient
     all-reduce (SUM: the loss is already divided by the global token count), the tied-embedding
     all-reduce across pipeline stages, and a TP/PP-aware global gradient-norm clip. The default
@@ -148,6 +148,10 @@ class TrainOptimizer(Protocol):
     def step(self) -> StepOutcome: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def has_state(self) -> bool: ...
+    def sharded_state_dict(self, model_sharded: dict[str, Any], *, is_loading: bool
+                           ) -> dict[str, Any]: ...
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -267,6 +271,47 @@ class TorchAdamW:
                              f"this run uses {OptimBackend.TORCH.value!r} (set optim.backend)")
         self.optimizer.load_state_dict(state["optimizer"])
 
+    # ---- distributed checkpoint (megatron.core.dist_checkpointing) ----------------------------
+    def has_state(self) -> bool:
+        return bool(self.optimizer.state)
+
+    def sharded_state_dict(self, model_sharded: dict[str, Any], *, is_loading: bool
+                           ) -> dict[str, Any]:
+        """AdamW's moments as ShardedTensors sharded like their parameters
+        (`optimizer.state.exp_avg.<param key>`, as megatron-core names them), so they reshard with
+        the model; the step count is one number shared by every parameter. `model_sharded` is the
+        model's `sharded_state_dict()` (its tensors must be the live parameters)."""
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            optim_state_to_sharding_state,
+        )
+
+        if is_loading:
+            for group in self.optimizer.param_groups:  # tensors the load fills in place
+                for p in group["params"]:
+                    state = self.optimizer.state[p]
+                    state.setdefault("exp_avg", torch.zeros_like(p))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(p))
+        state = self.optimizer.state_dict()
+        steps = {float(s["step"]) for s in state["state"].values() if "step" in s}
+        if len(steps) > 1:
+            raise AssertionError(f"AdamW step counts differ between parameters: {sorted(steps)}")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_sharded, params),
+                                      exclude_keys=("step",))
+        return {"backend": OptimBackend.TORCH.value, "adam": state,
+                "num_steps": int(steps.pop()) if steps else 0}
+
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from a loaded `sharded_state_dict`; every parameter gets its own step tensor."""
+        if state.get("backend") != OptimBackend.TORCH.value:
+            raise ValueError(f"optimizer state was saved by backend {state.get('backend')!r}, "
+                             f"this run uses {OptimBackend.TORCH.value!r} (set optim.backend)")
+        adam = state["adam"]
+        for param_state in adam["state"].values():
+            param_state["step"] = torch.tensor(float(state["num_steps"]))
+        self.optimizer.load_state_dict(adam)
+
 
 # ----------------------------------------------------------------------------------------------
 # MCORE backend: megatron-core DDP + optimizer (GPU)
@@ -280,11 +325,7 @@ class McoreOptimizer:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        if _cpu_patches_for_optimizer() and cfg.distributed:
-            raise ValueError(
-                "optim.distributed=true (megatron-core DistributedOptimizer) needs CUDA: its "
-                "param type checks (distrib_optimizer.py:466) reject CPU tensors; set "
-                "optim.distributed=false or optim.backend=torch on CPU")
+        _cpu_patches_for_optimizer()
         self.cfg = cfg
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -330,9 +371,8 @@ class McoreOptimizer:
         return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
 
     def state_dict(self) -> dict[str, Any]:
-        # Per-rank state: the DistributedOptimizer's own DP shard of the fp32 master weights and
-        # Adam moments ("dp_reshardable"), so resume needs the same TP/PP/DP layout. Changing
-        # the layout goes through the HF export.
+        # Per-rank state (the format of the previous checkpoint layout, read by its loader):
+        # the DistributedOptimizer's own DP shard ("dp_reshardable"), same layout only.
         inner = []
         for opt in self._inner_optimizers():
             entry = {"optimizer": opt.state_dict()}
@@ -353,6 +393,52 @@ class McoreOptimizer:
             if "param_state" in entry:
                 opt.load_parameter_state_from_dp_reshardable(entry["param_state"])
             _untie_adam_steps(opt)
+
+    # ---- distributed checkpoint (megatron.core.dist_checkpointing) ----------------------------
+    # The DistributedOptimizer's state is written "fully_reshardable" (gathered per parameter in
+    # model space, so it reloads at any TP/PP/DP), with the memory-efficient variant: a gloo
+    # gather to DP rank 0 instead of an all-gather of every buffer on every rank.
+    _SHARDING = {"distrib_optim_sharding_type": "fully_reshardable",
+                 "distrib_optim_fully_reshardable_mem_efficient": True}
+
+    def has_state(self) -> bool:
+        return any(getattr(opt, "optimizer", None) is not None and opt.optimizer.state
+                   for opt in self._inner_optimizers())
+
+    def sharded_state_dict(self, model_sharded: dict[str, Any], *, is_loading: bool
+                           ) -> dict[str, Any]:
+        """megatron-core's own optimizer `sharded_state_dict` (fully reshardable)."""
+        if is_loading:
+            self._allocate_torch_adam_state()
+        return {"backend": OptimBackend.MCORE.value, "distributed": self.cfg.distributed,
+                "megatron": self.optimizer.sharded_state_dict(model_sharded, is_loading=is_loading,
+                                                              metadata=dict(self._SHARDING))}
+
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("backend") != OptimBackend.MCORE.value:
+            raise ValueError(f"optimizer state was saved by backend {state.get('backend')!r}, "
+                             f"this run uses {OptimBackend.MCORE.value!r} (set optim.backend)")
+        self.optimizer.load_state_dict(state["megatron"])
+        for opt in self._inner_optimizers():
+            _untie_adam_steps(opt)
+
+    def _allocate_torch_adam_state(self) -> None:
+        """Give a fresh DistributedOptimizer over torch AdamW (no TE / apex) its state tensors.
+
+        Its `state_dict()` reads one `step` out of every parameter's state
+        (distrib_optimizer.py:836-839, asserting they agree), which a never-stepped torch AdamW
+        does not have yet; TE's and apex's Adam keep the step in the param groups instead.
+        """
+        for opt in self._inner_optimizers():
+            inner = getattr(opt, "optimizer", None)
+            if not hasattr(opt, "gbuf_ranges") or not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+                continue
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    state = inner.state[p]
+                    if not state:
+                        state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
+                                     step=torch.tensor(0.0))
 
 
 def _untie_adam_steps(opt: Any) -> None:

@@ -77,8 +77,9 @@ def hf_tensor_reader(hf_dir: str | Path):
 
 
 def build_trainer(model_cfg: Any, ps: Any, optim_cfg: Any, *, total_steps: int,
-                  dtype: torch.dtype, hf_path: str = "") -> Trainer:
-    """Model (random init, or `hf_path` weights) + optimizer + lr schedule for this rank."""
+                  dtype: torch.dtype, hf_path: str = "", mcore_path: str = "") -> Trainer:
+    """Model (random init, `hf_path` weights or a torch_dist checkpoint's) + optimizer + lr
+    schedule for this rank."""
     from megatron_ace.model.builder import build_model
     from megatron_ace.model.weights import load_hf_into_model
     from megatron_ace.train.optim import LRSchedule, OptimBackend, build_optimizer, resolve_backend
@@ -86,6 +87,10 @@ def build_trainer(model_cfg: Any, ps: Any, optim_cfg: Any, *, total_steps: int,
     model = build_model(model_cfg, ps, dtype=dtype)
     if hf_path:
         load_hf_into_model(model, hf_tensor_reader(hf_path), model_cfg, ps)
+    elif mcore_path:
+        from megatron_ace.checkpoint.convert import load_into_model
+
+        load_into_model(model, mcore_path, model_cfg, ps)
     backend = resolve_backend(optim_cfg.backend)
     if backend is OptimBackend.TORCH and dtype != torch.float32:
         raise ValueError("schedule.precision=bf16 needs optim.backend=mcore (torch AdamW has no "
@@ -178,7 +183,8 @@ def _fill_out(cfg: SFTConfig, out: Path) -> SFTConfig:
     fill = lambda s: s.replace(OUT_PLACEHOLDER, str(out))  # noqa: E731
     data = dataclasses.replace(cfg.data, paths=[fill(p) for p in cfg.data.paths],
                                tokenizer=fill(cfg.data.tokenizer))
-    model = dataclasses.replace(cfg.model, hf_path=fill(cfg.model.hf_path))
+    model = dataclasses.replace(cfg.model, hf_path=fill(cfg.model.hf_path),
+                                mcore_path=fill(cfg.model.mcore_path))
     return dataclasses.replace(cfg, data=data, model=model)
 
 
@@ -240,7 +246,7 @@ def plan_steps(cfg: SFTConfig, batcher: Any, ps: Any) -> tuple[int, int]:
 
 
 def _maybe_resume(cfg: SFTConfig, ckpt_root: Path, trainer: Trainer, batcher: Any) -> int:
-    from megatron_ace.train.state import latest_checkpoint, load_training_state
+    from megatron_ace.train.state import data_state_for_dp, latest_checkpoint, load_training_state
 
     latest = latest_checkpoint(ckpt_root)
     if latest is None:
@@ -249,20 +255,20 @@ def _maybe_resume(cfg: SFTConfig, ckpt_root: Path, trainer: Trainer, batcher: An
         raise ValueError(f"{ckpt_root} holds checkpoints but checkpoint.resume=never; "
                          "choose a new --out or resume")
     info = load_training_state(latest, model_chunks=trainer.opt.model_chunks, opt=trainer.opt,
-                               sched=trainer.sched, ps=trainer.ps)
-    batcher.load_state_dict(info.data_state)
+                               sched=trainer.sched, ps=trainer.ps, seed=cfg.schedule.seed)
+    batcher.load_state_dict(data_state_for_dp(info.data_state, trainer.ps.dp_size))
     return info.step
 
 
-def _save(cfg: SFTConfig, ckpt_root: Path, trainer: Trainer, batcher: Any, step: int) -> None:
-    from megatron_ace.train.optim import OptimBackend, resolve_backend
+def _save(cfg: SFTConfig, ckpt_root: Path, trainer: Trainer, batcher: Any, step: int,
+          *, final: bool = False) -> None:
+    """Checkpoint `step`; interval saves may run in the background, the final one does not."""
     from megatron_ace.train.state import save_training_state
 
-    sharded = resolve_backend(cfg.optim.backend) is OptimBackend.MCORE and cfg.optim.distributed
     save_training_state(ckpt_root, step=step, model_chunks=trainer.opt.model_chunks,
                         opt=trainer.opt, sched=trainer.sched, data_state=batcher.state_dict(),
                         ps=trainer.ps, keep_last=cfg.checkpoint.keep_last,
-                        shards_optimizer_over_dp=sharded)
+                        async_save=cfg.checkpoint.async_save and not final)
 
 
 def _record(m: Any, batcher: Any) -> dict[str, Any]:
@@ -276,6 +282,7 @@ def run_sft(cfg: SFTConfig, out: Path) -> dict[str, Any]:
     """Train per `cfg` into `out`; returns a summary (final step, last loss, HF dir)."""
     from megatron_ace.model.parallel import destroy_parallel, init_parallel
     from megatron_ace.train.metrics import MetricsLogger
+    from megatron_ace.train.state import finish_saves
     from megatron_ace.train.step import ModelOutput, masked_vocab_sft_loss, train_step
 
     ps = init_parallel(cfg.parallel, seed=cfg.schedule.seed)
@@ -285,7 +292,7 @@ def run_sft(cfg: SFTConfig, out: Path) -> dict[str, Any]:
         num_micro, total = plan_steps(cfg, batcher, ps)
         trainer = build_trainer(cfg.model.resolve(), ps, cfg.optim, total_steps=total,
                                 dtype=resolve_dtype(cfg.schedule.precision),
-                                hf_path=cfg.model.hf_path)
+                                hf_path=cfg.model.hf_path, mcore_path=cfg.model.mcore_path)
         ckpt_root = out / "checkpoints"
         step = _maybe_resume(cfg, ckpt_root, trainer, batcher)
         logger.info("training steps %d..%d, %d micro-batches per step per DP rank",
@@ -307,7 +314,8 @@ def run_sft(cfg: SFTConfig, out: Path) -> dict[str, Any]:
         finally:
             metrics.close()
         if cfg.checkpoint.save_at_end and (last is not None or not (ckpt_root / f"step_{step:08d}").exists()):
-            _save(cfg, ckpt_root, trainer, batcher, step)
+            _save(cfg, ckpt_root, trainer, batcher, step, final=True)
+        finish_saves()
         hf_dir = export_hf(trainer, out / "hf", tokenizer_dir=_tokenizer_dir(cfg)) \
             if cfg.checkpoint.export_hf else None
         return {"step": step, "loss": None if last is None else last.loss, "hf_dir": hf_dir}
