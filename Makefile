@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup_env.sh
 
 demo: setup
-	$(PY) -m megatron_ace.cli demo
+	$(PY) -m megatron_ace.cli demo --compare-fixed
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
