@@ -167,8 +167,9 @@ def plot_arms(arms: list[ArmCurves], png: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
-    panels = [("reward", "mean reward"), ("entropy", "entropy (temperature-adjusted)"),
-              ("temperature", "sampling temperature"), ("response_length", "response length (tokens)")]
+    panels = [("reward", "rollout reward (at the arm's temperature)"),
+              ("entropy", "entropy (temperature-adjusted)"), ("temperature", "sampling temperature"),
+              ("response_length", "response length (tokens)")]
     for colour, arm in zip(("tab:blue", "tab:orange", "tab:green", "tab:red"), arms):
         for ax, (field, _) in zip(axes.flat, panels):
             values = getattr(arm, field)
@@ -179,7 +180,8 @@ def plot_arms(arms: list[ArmCurves], png: str | Path) -> None:
                                label=f"target {arm.entropy_target:g}")
         axes[1, 1].plot(arm.eval_steps, [100 * a for a in arm.eval_accuracy], color=colour,
                         marker="o", label=arm.name)
-    for ax, (_, title) in zip(axes.flat, panels + [(None, "held-out accuracy (%)")]):
+    accuracy_title = "held-out accuracy (%), same sampling for every arm"
+    for ax, (_, title) in zip(axes.flat, panels + [(None, accuracy_title)]):
         ax.set_title(title)
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
