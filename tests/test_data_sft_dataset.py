@@ -124,7 +124,8 @@ BAD_LINES = [
 def test_bad_rows_error_names_file_and_row(tmp_path, qwen):
     data = _write_jsonl(tmp_path / "dirty.jsonl", GOOD_ROWS, BAD_LINES)
     with pytest.raises(
-        ValueError, match=r"5 malformed row\(s\).*dirty\.jsonl: row 6: missing 'prompt'"
+        ValueError, match=r"5 malformed row\(s\).*dirty\.jsonl: row 6: no known layout fits "
+        r"this row \(its fields: response\); understood layouts: acereason-sft"
     ):
         build_sft_dataset(_cfg(tmp_path, [data]), qwen)
 
@@ -138,8 +139,8 @@ def test_bad_rows_skipped_are_counted(tmp_path, qwen):
     assert rows == [6, 7, 8, 10, 11]
     assert all("dirty.jsonl" in e for e in s.bad_row_errors)
     assert (
-        "prompt must be a string" in s.bad_row_errors[1]
-        and "response is empty" in s.bad_row_errors[2]
+        "prompt[0].role: must be one of" in s.bad_row_errors[1]
+        and "response: is empty" in s.bad_row_errors[2]
     )
     assert len(ds) == 8  # the good rows' responses only
 

@@ -103,6 +103,7 @@ def _grad_of_split(logp, old, adv, mask, config, parts):
     return leaf.grad
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("parts", [2, 4, 8])
 def test_token_level_normalisation_is_split_invariant(parts):
     logp, old, _, adv, mask = _random_batch(7, B=8, T=13)
@@ -170,6 +171,7 @@ def test_kl_k3_is_nonnegative_and_zero_at_equality():
         policy_loss(logp, logp, torch.zeros(len(logp)), torch.ones_like(logp), PolicyLossConfig(kl_coef=0.1))
 
 
+@pytest.mark.numerics
 def test_metrics_reduce_over_micro_batches_like_the_whole_batch():
     logp, old, ref, adv, mask = _random_batch(5)
     config = PolicyLossConfig(kl_coef=0.1)
@@ -254,3 +256,28 @@ def test_token_logprobs_match_log_softmax():
 def test_loss_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
         PolicyLossConfig(**kwargs)
+
+
+@pytest.mark.numerics
+def test_mismatch_sums_reduce_to_the_direct_metrics():
+    """Mismatch metrics from sums combined over chunks (micro-batches, ranks) equal the direct
+    computation over all tokens at once (`logprob_parity_metrics`)."""
+    from megatron_ace.algorithms.mismatch import mismatch_metrics, mismatch_sums
+    from megatron_ace.rollout.weight_sync import logprob_parity_metrics
+    from megatron_ace.train.step import accumulate_sums
+
+    g = torch.Generator().manual_seed(0)
+    trainer = -torch.rand(500, generator=g) * 4
+    engine = trainer + torch.randn(500, generator=g) * 0.1
+    mask = (torch.rand(500, generator=g) > 0.3).float()
+    want = logprob_parity_metrics(trainer[mask > 0], engine[mask > 0], clip_eps=0.2,
+                                  prefix="mismatch/")
+    total: dict = {}
+    for chunk in torch.arange(500).tensor_split(7):
+        accumulate_sums(total, mismatch_sums(trainer[chunk], engine[chunk], mask[chunk],
+                                             clip_eps=0.2))
+    got = mismatch_metrics({k: float(v) for k, v in total.items()})
+    assert got.keys() == want.keys()
+    for key in want:  # float64 sums of 350 terms: agreement to ~1e-12 relative
+        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert mismatch_metrics(mismatch_sums(trainer, engine, torch.zeros(500), clip_eps=0.2)) == {}

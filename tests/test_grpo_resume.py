@@ -97,6 +97,7 @@ def _adam_steps(ckpt):
 
 
 @pytest.mark.vllm
+@pytest.mark.numerics
 def test_killed_curriculum_resumes_step_for_step(tiny_policy, tmp_path):
     _, (hf_dir, other_hf), prompts = tiny_policy
     straight_out, killed_out = tmp_path / "straight", tmp_path / "killed"

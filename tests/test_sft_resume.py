@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-
+import pytest
 from dist_utils import REPO
 
 NUM_STEPS = 30
@@ -86,6 +86,7 @@ def _run_and_kill(out: Path, env: dict[str, str]) -> int:
     return _last_step(out / "metrics.jsonl")
 
 
+@pytest.mark.numerics
 def test_sigkill_and_resume_reproduces_losses_exactly(tmp_path):
     from megatron_ace.train.state import list_checkpoints
 

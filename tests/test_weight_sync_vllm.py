@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_rollout_engine import hf_token_logprobs
 from test_rollout_tiny_model import make_tiny_qwen2_dir
+from tolerances import LOGPROB_ATOL
 
 from megatron_ace.rollout.engine import (
     EngineBrokenError,
@@ -78,9 +79,10 @@ def max_seq_diff(engine, model) -> float:
     )
 
 
+@pytest.mark.numerics
 def test_sync_streams_new_weights_in_many_buckets(engine, model_dir):
     old = load_hf(model_dir)
-    assert max_seq_diff(engine, old) < 1e-4
+    assert max_seq_diff(engine, old) < LOGPROB_ATOL
     new = perturbed(load_hf(model_dir), seed=1)
     syncer = WeightSyncer(engine, WeightSyncConfig(bucket_bytes=SMALL_BUCKET))
     metrics = syncer.sync(named_weights(new))
@@ -92,10 +94,11 @@ def test_sync_streams_new_weights_in_many_buckets(engine, model_dir):
     assert metrics.peak_bucket_bytes <= max(SMALL_BUCKET, max(sizes))
     assert metrics.gb_per_s > 0 and set(metrics.to_dict()) >= {"weight_sync/gb_per_s", "weight_sync/num_buckets"}
 
-    assert max_seq_diff(engine, new) < 1e-4
+    assert max_seq_diff(engine, new) < LOGPROB_ATOL
     assert max_seq_diff(engine, old) > 1e-2
 
 
+@pytest.mark.numerics
 def test_sampled_logprobs_follow_the_new_weights_and_parity_metrics(engine, model_dir):
     new = perturbed(load_hf(model_dir), seed=1)  # what version 1 holds
     temperature = 0.8
@@ -107,8 +110,8 @@ def test_sampled_logprobs_follow_the_new_weights_and_parity_metrics(engine, mode
             trainer.append(hf_token_logprobs(new, prompt, s.response_token_ids, temperature))
             rollout.append(torch.tensor(s.logprobs))
     m = logprob_parity_metrics(torch.cat(trainer), torch.cat(rollout))
-    assert m["parity/logp_abs_diff_max"] < 1e-4
-    assert abs(m["parity/ratio_mean"] - 1.0) < 1e-4 and m["parity/ratio_clipped_frac"] == 0.0
+    assert m["parity/logp_abs_diff_max"] < LOGPROB_ATOL
+    assert abs(m["parity/ratio_mean"] - 1.0) < LOGPROB_ATOL and m["parity/ratio_clipped_frac"] == 0.0
     # The same check catches a trainer that lags the engine by one version.
     old = load_hf(model_dir)
     stale = torch.cat([hf_token_logprobs(old, p, s.response_token_ids, temperature)
@@ -116,16 +119,18 @@ def test_sampled_logprobs_follow_the_new_weights_and_parity_metrics(engine, mode
     assert logprob_parity_metrics(stale, torch.cat(rollout))["parity/logp_abs_diff_max"] > 1e-2
 
 
+@pytest.mark.numerics
 def test_shared_memory_transport_with_shuffled_order(engine, model_dir, tmp_path):
     new = perturbed(load_hf(model_dir), seed=2)
     config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, transport=TransportKind.SHARED_MEMORY,
                               shm_dir=str(tmp_path))
     metrics = WeightSyncer(engine, config).sync(named_weights(new, shuffle_seed=0), version=5)
     assert metrics.version == 5 and engine.weight_version == 5
-    assert max_seq_diff(engine, new) < 1e-4
+    assert max_seq_diff(engine, new) < LOGPROB_ATOL
     assert os.listdir(tmp_path) == []  # every bucket file was released
 
 
+@pytest.mark.numerics
 def test_stale_or_duplicate_version_is_refused_without_harm(engine, model_dir):
     current = perturbed(load_hf(model_dir), seed=2)  # version 5
     syncer = WeightSyncer(engine, WeightSyncConfig())
@@ -134,7 +139,7 @@ def test_stale_or_duplicate_version_is_refused_without_harm(engine, model_dir):
         with pytest.raises(StaleWeightVersionError, match=f"version {version} refused"):
             syncer.sync(named_weights(other), version=version)
     assert engine.weight_version == 5
-    assert max_seq_diff(engine, current) < 1e-4
+    assert max_seq_diff(engine, current) < LOGPROB_ATOL
 
 
 def test_missing_tensor_is_fatal(engine, model_dir):
@@ -189,7 +194,7 @@ def test_sync_into_a_multiprocess_engine(model_dir, tmp_path):
             config = WeightSyncConfig(bucket_bytes=SMALL_BUCKET, transport=kind, shm_dir=str(tmp_path))
             WeightSyncer(eng, config).sync(named_weights(new, shuffle_seed=version))
             assert eng.weight_version == version
-            assert max_seq_diff(eng, new) < 1e-4
+            assert max_seq_diff(eng, new) < LOGPROB_ATOL
         with pytest.raises(StaleWeightVersionError):
             WeightSyncer(eng, WeightSyncConfig()).sync(named_weights(new), version=2)
     finally:

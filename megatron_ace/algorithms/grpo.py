@@ -195,12 +195,14 @@ def policy_loss(
     """Token-level clipped surrogate (PPO/GRPO) with separate low/high clip and optional KL.
 
     Per token: -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) (+ kl_coef * k3),
-    ratio = exp(logp - old_logp). Returns `(loss_sum, num_tokens, metrics)`: the sum over
-    masked tokens (differentiable in `logp_BT`), the masked token count, and detached metric
-    sums/extremes to reduce with `reduce_loss_metrics`. Divide `loss_sum` by the global token
-    count of the step; do not average per micro-batch.
+    ratio = exp(logp - old_logp). `adv_B` is one advantage per sequence [B], or per token
+    [B, T] (packed rows hold several sequences). Returns `(loss_sum, num_tokens, metrics)`: the
+    sum over masked tokens (differentiable in `logp_BT`), the masked token count, and detached
+    metric sums/extremes to reduce with `reduce_loss_metrics`. Divide `loss_sum` by the global
+    token count of the step; do not average per micro-batch.
     """
-    if not (logp_BT.shape == old_logp_BT.shape == mask_BT.shape and adv_B.shape == logp_BT.shape[:1]):
+    if not (logp_BT.shape == old_logp_BT.shape == mask_BT.shape
+            and adv_B.shape in (logp_BT.shape[:1], logp_BT.shape)):
         raise ValueError(
             f"shapes: logp_BT {tuple(logp_BT.shape)}, old_logp_BT {tuple(old_logp_BT.shape)}, "
             f"mask_BT {tuple(mask_BT.shape)}, adv_B {tuple(adv_B.shape)}"
@@ -208,7 +210,9 @@ def policy_loss(
     if config.kl_coef > 0 and ref_logp_BT is None:
         raise ValueError("ref_logp_BT: required when kl_coef > 0")
     mask_BT = mask_BT.to(logp_BT.dtype)
-    adv_BT = adv_B.to(logp_BT.dtype).unsqueeze(1)
+    adv_BT = adv_B.to(logp_BT.dtype)
+    if adv_BT.dim() == 1:
+        adv_BT = adv_BT.unsqueeze(1)
     ratio_BT = torch.exp(logp_BT - old_logp_BT.detach())
     surr_BT = ratio_BT * adv_BT
     clipped_BT = ratio_BT.clamp(1.0 - config.clip_low, 1.0 + config.clip_high) * adv_BT

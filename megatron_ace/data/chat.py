@@ -67,10 +67,13 @@ MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer with
 
 CODE_SYSTEM_PROMPT = (
     "You are a helpful programming assistant. Reason step by step about the problem, then "
-    "write your final solution as one Python program in a ```python code block that reads "
-    "from standard input and writes to standard output."
+    "write your final solution in one ```python code block, in the form the problem asks for: "
+    "a program that reads standard input and writes standard output, or the given class or "
+    "function."
 )
-"""Our own wording: the code reward extracts the last ```python block of a response."""
+"""Our own wording: the code reward extracts the last ```python block of a response, and runs
+it either as a stdin/stdout program or by calling the function / `Solution` method the tests
+name (LeetCode-style problems come with starter code)."""
 
 SYSTEM_PROMPTS: dict[SystemPrompt, str | None] = {
     SystemPrompt.NONE: None,

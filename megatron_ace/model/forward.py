@@ -99,13 +99,36 @@ def causal_position_ids(tokens_BS: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand_as(tokens_BS)
 
 
+def model_inputs(batch: dict, device: torch.device):
+    """(tokens, position_ids, attention_mask, packed_seq_params) for a GPTModel call.
+
+    A batch with `cu_seqlens` and no dense `attention_mask` is a packed row in THD layout:
+    tokens [1, T] holding several sequences back to back, `cu_seqlens` [K + 1] int32 their
+    boundaries. Megatron-Core then applies rotary embeddings per sequence and the core
+    attention (TE, or model/attention.py's SDPA) attends within each sequence only. Otherwise
+    the batch is [B, S] with a dense mask (True = masked) or None (causal).
+    """
+    tokens = batch["tokens"].to(device)
+    pos = batch.get("position_ids")
+    pos = causal_position_ids(tokens) if pos is None else pos.to(device)
+    mask = batch.get("attention_mask")
+    packed = None
+    if mask is None and batch.get("cu_seqlens") is not None:
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        if tokens.shape[0] != 1:
+            raise ValueError(f"a THD micro-batch is one packed row, got tokens {tuple(tokens.shape)}")
+        cu = batch["cu_seqlens"].to(device=device, dtype=torch.int32)
+        max_len = int(batch.get("max_seqlen") or int((cu[1:] - cu[:-1]).max()))
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=max_len, max_seqlen_kv=max_len)
+    return tokens, pos, None if mask is None else mask.to(device), packed
+
+
 def _forward_step(ps, vocab_size, temperature, with_entropy, data_iterator, model):
     batch = next(data_iterator)
-    tokens = batch["tokens"].to(ps.device)
-    pos = batch.get("position_ids")
-    pos = causal_position_ids(tokens) if pos is None else pos.to(ps.device)
-    mask = batch.get("attention_mask")
-    output = model(tokens, pos, None if mask is None else mask.to(ps.device))
+    tokens, pos, mask, packed = model_inputs(batch, ps.device)
+    output = model(tokens, pos, mask, packed_seq_params=packed)
 
     def collect(logits_BSVl, non_loss_data=True):
         targets = tokens[:, 1:]

@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from megatron_ace.model.attention import CoreAttention, sdpa_core_attention_cls
 from megatron_ace.model.mapping import Spec
 from megatron_ace.utils.logging import get_logger
 
@@ -39,10 +40,22 @@ def choose_spec(requested: Spec | None = None) -> Spec:
     return Spec.TE if te_usable() else Spec.LOCAL
 
 
-def layer_spec(spec: Spec):
-    """The Megatron-Core `ModuleSpec` of one Qwen2 transformer layer (RMSNorm, SwiGLU, QKV bias)."""
+def layer_spec(spec: Spec, core_attention: CoreAttention = CoreAttention.SDPA):
+    """The Megatron-Core `ModuleSpec` of one Qwen2 transformer layer (RMSNorm, SwiGLU, QKV bias).
+
+    `core_attention` applies to the local spec only (the TE spec uses TE's attention). The
+    attention module holds no parameters, so the choice never changes checkpoint names.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if spec is Spec.TE:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if core_attention is CoreAttention.SDPA:
+        layer.submodules.self_attention.submodules.core_attention = sdpa_core_attention_cls()
+    return layer
+
+
+def supports_packed_thd(spec: Spec, core_attention: CoreAttention) -> bool:
+    """Whether the model takes packed rows as THD (cu_seqlens) instead of a dense mask."""
+    return spec is Spec.TE or core_attention is CoreAttention.SDPA

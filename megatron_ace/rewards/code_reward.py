@@ -1,9 +1,9 @@
 """Rule-based code reward: run a model's program against test cases in the bubblewrap sandbox.
 
-What it does: `parse_row` turns a data row into a `CodeTask` (program + tests) in one of the
-layouts used by code RL data: LiveCodeBench stdin/stdout and call-based (`fn_name` /
-`metadata.func_name`) cases, as `input_output` or `public_test_cases`/`private_test_cases`, and
-HumanEval (`test` + `entry_point`, optional `prompt` prepended). `extract_program` takes the
+What it does: `parse_row` turns a data row into a `CodeTask` (program + tests); the tests are
+read by `code_tests.parse_tests` from the forms LiveCodeBench, TACO/APPS, DeepCoder and
+HumanEval store them in (HumanEval's optional `prompt` is prepended to the program); loaders
+parse them once when prompts load and build tasks with `task_for`. `extract_program` takes the
 last fenced python block of a response. `CodeRewardPool` runs tasks on long-lived sandboxed
 workers (see `code_sandbox.py`: one fork per test, hard wall-clock kills, a dead worker is
 replaced) from background threads, so `submit(row) -> Future[CodeResult]` never blocks the
@@ -19,20 +19,16 @@ per-test limits; it does not import torch; and it inherits the limits of the san
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
 import concurrent.futures
 import enum
-import io
 import json
 import math
 import os
-import pickle
 import queue
 import re
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -45,6 +41,7 @@ from megatron_ace.rewards.code_sandbox import (
     SandboxTimeoutError,
     SandboxWorker,
 )
+from megatron_ace.rewards.code_tests import CodeTests, TestCase, TestKind, parse_tests
 from megatron_ace.utils import console
 from megatron_ace.utils.logging import get_logger
 
@@ -61,13 +58,6 @@ class CodeStatus(enum.Enum):
     SANDBOX_ERROR = "sandbox_error"  # the sandbox failed (or the program killed its worker)
 
 
-class TestKind(enum.Enum):
-    __test__ = False  # not a pytest test class (dunder names are not Enum members)
-    STDIN = "stdin"  # feed `input` on stdin, compare stdout with `expected`
-    FUNCTIONAL = "functional"  # call `fn_name(*args)`, compare the return value with `expected`
-    HUMANEVAL = "humaneval"  # run the program followed by its `check(entry_point)` test program
-
-
 # Sandbox outcome -> status. OK is decided by the comparison, not by the sandbox.
 _OUTCOME_STATUS = {
     sb.COMPILE_ERROR: CodeStatus.COMPILE_ERROR, sb.RUNTIME_ERROR: CodeStatus.RUNTIME_ERROR,
@@ -75,20 +65,6 @@ _OUTCOME_STATUS = {
     sb.OUTPUT_LIMIT: CodeStatus.RUNTIME_ERROR, sb.SANDBOX_ERROR: CodeStatus.SANDBOX_ERROR,
 }
 _KIND_MODE = {TestKind.STDIN: sb.MODE_STDIN, TestKind.FUNCTIONAL: sb.MODE_CALL, TestKind.HUMANEVAL: sb.MODE_SCRIPT}
-
-
-@dataclass(frozen=True)
-class TestCase:
-    __test__ = False  # not a pytest test class
-    kind: TestKind
-    input: str = ""
-    """stdin text (STDIN)."""
-    args: tuple = ()
-    """Positional arguments (FUNCTIONAL)."""
-    expected: Any = None
-    """Expected stdout text (STDIN) or return value (FUNCTIONAL); unused for HUMANEVAL."""
-    script_suffix: str = ""
-    """Test program appended to the candidate (HUMANEVAL)."""
 
 
 @dataclass(frozen=True)
@@ -163,89 +139,6 @@ def extract_program(response: str) -> str | None:
     return None
 
 
-class _StrOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):  # noqa: D401 - refuse every global
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def _decode_cases(value: Any, where: str) -> list:
-    """Test cases as stored: a list, a JSON string, or LiveCodeBench's base64/zlib/pickle of JSON."""
-    if isinstance(value, list):
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: expected a list or a string, got {type(value).__name__}")
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        pass
-    try:
-        # Only a pickled str is accepted: the unpickler refuses every class/function.
-        text = _StrOnlyUnpickler(io.BytesIO(zlib.decompress(base64.b64decode(value)))).load()
-        return json.loads(text)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{where}: neither JSON nor LiveCodeBench's compressed form ({exc})") from exc
-
-
-def _json_lines(text: Any, where: str) -> tuple:
-    """LiveCodeBench functional input: one JSON value per line (a list is taken as the args)."""
-    if isinstance(text, list):
-        return tuple(text)
-    try:
-        return tuple(json.loads(line) for line in str(text).split("\n") if line.strip())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: functional input is not one JSON value per line ({exc.msg})") from exc
-
-
-def _expected_value(output: Any, where: str) -> Any:
-    if not isinstance(output, str):
-        return output
-    try:
-        return json.loads(output)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: functional output is not JSON ({exc.msg})") from exc
-
-
-def _as_text(value: Any) -> str:
-    return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def _lcb_cases(row: dict, fn_name: str | None) -> list[TestCase]:
-    cases: list[TestCase] = []
-    for name in ("public_test_cases", "private_test_cases"):
-        if row.get(name) in (None, "", []):
-            continue
-        for i, case in enumerate(_decode_cases(row[name], name)):
-            where = f"{name}[{i}]"
-            if not isinstance(case, dict) or "input" not in case or "output" not in case:
-                raise ValueError(f"{where}: expected an object with 'input' and 'output'")
-            if case.get("testtype", "stdin") == "functional":
-                if not fn_name:
-                    raise ValueError(f"{where}: functional test but no metadata.func_name / fn_name")
-                cases.append(TestCase(TestKind.FUNCTIONAL, args=_json_lines(case["input"], where),
-                                      expected=_expected_value(case["output"], where)))
-            else:
-                cases.append(TestCase(TestKind.STDIN, input=_as_text(case["input"]), expected=_as_text(case["output"])))
-    return cases
-
-
-def _input_output_cases(row: dict) -> tuple[list[TestCase], str | None]:
-    spec = row["input_output"]
-    spec = json.loads(spec) if isinstance(spec, str) else spec
-    if not isinstance(spec, dict) or not isinstance(spec.get("inputs"), list) or not isinstance(spec.get("outputs"), list):
-        raise ValueError("input_output: expected an object with lists 'inputs' and 'outputs'")
-    if len(spec["inputs"]) != len(spec["outputs"]):
-        raise ValueError(f"input_output: {len(spec['inputs'])} inputs but {len(spec['outputs'])} outputs")
-    fn_name = spec.get("fn_name")
-    cases = []
-    for i, (inp, out) in enumerate(zip(spec["inputs"], spec["outputs"])):
-        where = f"input_output[{i}]"
-        if fn_name:
-            cases.append(TestCase(TestKind.FUNCTIONAL, args=_json_lines(inp, where), expected=_expected_value(out, where)))
-        else:
-            cases.append(TestCase(TestKind.STDIN, input=_as_text(inp), expected=_as_text(out)))
-    return cases, fn_name
-
-
 def parse_row(row: dict, *, response_field: str = "response", code_field: str = "code") -> CodeTask:
     """A data row -> CodeTask. Raises ValueError naming the offending field."""
     if isinstance(row.get(code_field), str):
@@ -254,28 +147,16 @@ def parse_row(row: dict, *, response_field: str = "response", code_field: str = 
         program = extract_program(row[response_field])
     else:
         raise ValueError(f"{response_field!r} or {code_field!r}: missing or not a string")
-    if "test" in row or "entry_point" in row:
-        if not isinstance(row.get("test"), str) or not isinstance(row.get("entry_point"), str):
-            raise ValueError("test/entry_point: HumanEval rows need both as strings")
-        if program is not None and isinstance(row.get("prompt"), str):
-            program = row["prompt"] + program  # completions continue the prompt
-        suffix = f"\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
-        return CodeTask(program, (TestCase(TestKind.HUMANEVAL, script_suffix=suffix),))
-    metadata = row.get("metadata") or {}
-    if isinstance(metadata, str):
-        try:
-            metadata = json.loads(metadata) if metadata.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"metadata: not valid JSON ({exc.msg})") from exc
-    fn_name = row.get("fn_name") or (metadata.get("func_name") if isinstance(metadata, dict) else None)
-    if row.get("input_output") not in (None, ""):
-        cases, io_fn = _input_output_cases(row)
-        fn_name = fn_name or io_fn
-    else:
-        cases = _lcb_cases(row, fn_name)
-    if not cases:
-        raise ValueError("tests: no test cases (expected input_output, public/private_test_cases, or test+entry_point)")
-    return CodeTask(program, tuple(cases), fn_name=fn_name)
+    found = parse_tests(row)
+    if program is not None and found.tests[0].kind is TestKind.HUMANEVAL \
+            and isinstance(row.get("prompt"), str):
+        program = row["prompt"] + program  # completions continue the prompt
+    return task_for(found, program)
+
+
+def task_for(tests: CodeTests, program: str | None) -> CodeTask:
+    """The task of running `program` against already parsed `tests`."""
+    return CodeTask(program, tests.tests, fn_name=tests.fn_name)
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -338,7 +219,8 @@ def _judge(test: TestCase, reply: dict) -> tuple[CodeStatus, str]:
         return CodeStatus.WRONG_ANSWER, f"stdout differs from the expected output: {reply.get('stdout', '')[:200]!r}"
     if test.kind is TestKind.FUNCTIONAL:
         got = json.loads(reply["value_json"]) if "value_json" in reply else None
-        if reply.get("value_is_repr") or not value_matches(got, test.expected):
+        wanted = (test.expected, *test.also_expected)
+        if reply.get("value_is_repr") or not any(value_matches(got, w) for w in wanted):
             return CodeStatus.WRONG_ANSWER, f"returned {str(got)[:200]}"
     return CodeStatus.PASSED, ""
 
@@ -455,10 +337,13 @@ Run model-written Python programs against their tests in a bubblewrap sandbox.
 
 Each input row is a JSON object with the program, as `response` (the last ```python block is
 taken) or `code` (used as is), and its tests in one of these layouts:
-  LiveCodeBench  `input_output` (JSON: inputs, outputs, optional fn_name), or
-                 `public_test_cases` / `private_test_cases` ([{input, output, testtype:
+  LiveCodeBench  `public_test_cases` / `private_test_cases` ([{input, output, testtype:
                  stdin|functional}], JSON or LiveCodeBench's compressed string) with
                  `metadata.func_name` for functional tests;
+  TACO / APPS    `input_output` (JSON: inputs, outputs, optional fn_name; call-based
+                 outputs wrapped in one-element lists);
+  DeepCoder      `tests` (JSON: TACO's object, or a list of {input, output} cases typed
+                 testtype stdin|functional or type stdin_stdout|function_call);
   HumanEval      `test` (defines check(candidate)) + `entry_point`, optional `prompt`
                  (prepended to the program).
 Each output row is the input row plus `reward` (1.0 only if every test passed), `status`

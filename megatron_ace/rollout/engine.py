@@ -25,6 +25,7 @@ import enum
 import gc
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 from megatron_ace.rollout.types import Sample, SampleStatus, SamplingConfig, request_seed
@@ -141,8 +142,13 @@ class RolloutEngine(abc.ABC):
     """What the RL loop needs from an inference engine."""
 
     @abc.abstractmethod
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:
-        """`sampling.n` samples per prompt, in prompt order; sample j of prompt i is `out[i][j]`."""
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
+                 on_group: Callable[[int, list[Sample]], None] | None = None
+                 ) -> list[list[Sample]]:
+        """`sampling.n` samples per prompt, in prompt order; sample j of prompt i is `out[i][j]`.
+
+        `on_group(i, samples)` is called as soon as all samples of prompt i are done (prompts
+        finish in any order), while the others still generate: rewards can start early."""
 
     @abc.abstractmethod
     def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
@@ -278,15 +284,44 @@ class VllmRolloutEngine(RolloutEngine):
             skip_special_tokens=True,
         )
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
+                 on_group: Callable[[int, list[Sample]], None] | None = None
+                 ) -> list[list[Sample]]:
         self._check_usable()
         _check_prompts(prompt_token_ids)
         if not prompt_token_ids:
             return []
         params = [self.sampling_params(sampling, i) for i in range(len(prompt_token_ids))]
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_token_ids]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return self.to_samples(outputs, sampling)
+        if on_group is None:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            return self.to_samples(outputs, sampling)
+        # The same requests as `LLM.generate`, but the engine loop is ours, so each prompt's
+        # samples are handed out when its last one finishes (vLLM reports a request with n
+        # samples once, when all n are done).
+        request_ids = self.llm.enqueue(prompts, params, use_tqdm=False)
+        index: dict[str, int] = {}
+        for i, rid in enumerate(map(str, request_ids)):
+            # vLLM 0.32 returns its internal id ("<external>-<8 random chars>") while the outputs
+            # carry the external one: accept both.
+            index[rid] = i
+            index.setdefault(rid.rsplit("-", 1)[0], i)
+        groups: list[list[Sample] | None] = [None] * len(prompts)
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if not output.finished:
+                    continue
+                i = index.get(str(output.request_id))
+                if i is None:
+                    raise RolloutEngineError(f"vLLM returned an output for unknown request "
+                                             f"{output.request_id!r}")
+                groups[i] = self._samples_of(i, output, sampling)
+                on_group(i, groups[i])
+        missing = [i for i, g in enumerate(groups) if g is None]
+        if missing:
+            raise RolloutEngineError(f"vLLM finished without outputs for prompts {missing[:5]}")
+        return groups
 
     def to_samples(self, outputs: list[Any], sampling: SamplingConfig) -> list[list[Sample]]:
         """`Sample` records from vLLM `RequestOutput`s given in prompt order."""

@@ -19,7 +19,7 @@ import enum
 from collections.abc import Callable
 
 from megatron_ace.data.arith_task import ArithTaskConfig
-from megatron_ace.data.packing import BatchingConfig, BatchMode
+from megatron_ace.data.packing import AttentionFormat, BatchingConfig, BatchMode
 from megatron_ace.data.chat import SystemPrompt
 from megatron_ace.data.sft_dataset import OverlongPolicy, SFTDataConfig
 from megatron_ace.model.config import Qwen2Config, preset
@@ -299,7 +299,9 @@ def acereason_sft_7b() -> SFTConfig:
     cfg.data = SFTDataConfig(paths=[f"{OUT_PLACEHOLDER}/data/acereason_sft.jsonl"],
                              tokenizer="qwen2.5", system_prompt=SystemPrompt.AUTO,
                              max_seq_len=32768, overlong=OverlongPolicy.DROP, num_proc=16)
-    cfg.batching = BatchingConfig(seq_length=32768, micro_batch_size=1)
+    # Packed rows reach the attention as THD (cu_seqlens): TE on GPU, SDPA with the local spec.
+    cfg.batching = BatchingConfig(seq_length=32768, micro_batch_size=1,
+                                  attention=AttentionFormat.THD)
     cfg.optim = OptimConfig(lr=5e-6, min_lr=5e-7, decay=LRDecay.COSINE, warmup_fraction=0.03,
                             weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, clip_grad=1.0)
     cfg.schedule = ScheduleConfig(global_batch_size=256, num_epochs=5)

@@ -32,14 +32,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_ace.algorithms.grpo import (
-    compute_advantages_B,
-    overlong_filter_mask_BT,
-    zero_variance_filter_B,
-)
+from megatron_ace.algorithms.grpo import compute_advantages_B, zero_variance_filter_B
 from megatron_ace.algorithms.temperature import build_temperature_policy
 from megatron_ace.config.base import apply_overrides, save_json, to_dict
-from megatron_ace.model.forward import forward_logprobs
+from megatron_ace.data.packing import AttentionFormat
 from megatron_ace.model.parallel import destroy_parallel, init_parallel
 from megatron_ace.model.weights import iter_hf_tensors
 from megatron_ace.train import grpo_batch
@@ -52,7 +48,7 @@ from megatron_ace.train.state import (
     load_training_state,
     save_training_state,
 )
-from megatron_ace.train.step import ModelOutput, train_step
+from megatron_ace.train.grpo_update import UpdateSettings, train_on_rollouts
 from megatron_ace.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -188,39 +184,51 @@ class GRPORun:
             pass
         return {}
 
-    def generate(self, items: list, *, n: int, temperature: float, max_tokens: int,
-                 seed: int, iteration: int = 0) -> list[list[Any]]:
-        """n samples per prompt on rank 0, broadcast to every rank."""
+    def sampling(self, *, n: int, temperature: float, max_tokens: int, seed: int,
+                 iteration: int = 0):
+        """The engine's SamplingConfig of a rollout or evaluation batch."""
         from megatron_ace.rollout.types import SamplingConfig
 
-        groups = None
-        if self.ps.rank == 0:
-            sampling = SamplingConfig(n=n, temperature=temperature,
-                                      top_p=self.cfg.rollout.top_p if temperature > 0 else 1.0,
-                                      max_tokens=max_tokens, seed=seed, iteration=iteration,
-                                      stop_token_ids=self.stop_ids)
-            groups = self.engine.generate([it.prompt_ids for it in items], sampling)
-        return _broadcast(groups, self.ps)
+        return SamplingConfig(n=n, temperature=temperature,
+                              top_p=self.cfg.rollout.top_p if temperature > 0 else 1.0,
+                              max_tokens=max_tokens, seed=seed, iteration=iteration,
+                              stop_token_ids=self.stop_ids)
 
-    def score(self, items: list, groups: list[list[Any]], domain: Any = None) -> list[float]:
-        """Rewards of every sample, in group order (rank 0 scores, all ranks receive);
-        `domain` picks another reward than the current config's."""
-        rewards = None
+    def generate_and_score(self, items: list, sampling: Any, domain: Any = None,
+                           timer: PhaseTimer | None = None) -> tuple[list[list[Any]], list[float], int]:
+        """n samples per prompt and their rewards, on every rank (rank 0 generates and scores).
+
+        Each prompt's group goes to the reward pool as soon as the engine finishes it, so
+        scoring overlaps generation; "score" times only the wait for the last rewards.
+        `domain` picks another reward than the current config's. Returns (groups, rewards in
+        group order, number of samples whose scoring failed: reward 0)."""
+        from megatron_ace.train.reward_stream import RewardStream
+
+        timer = timer or PhaseTimer()
+        result = None
         if self.ps.rank == 0:
-            pairs = [(it, s) for it, group in zip(items, groups) for s in group]
             pool = self.rewards if domain is None else self._reward_pool(domain)
-            rewards = pool.score_samples([it for it, _ in pairs], [s for _, s in pairs])
-        return _broadcast(rewards, self.ps)
+            stream = RewardStream(pool, items)
+            with timer("generate"):
+                groups = self.engine.generate([it.prompt_ids for it in items], sampling,
+                                              on_group=stream.submit_group)
+            with timer("score"):
+                rewards, failed = stream.collect()
+            result = (groups, rewards, failed)
+        with timer("broadcast"):
+            return _broadcast(result, self.ps)
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy on the held-out prompts with the evaluation's sampling settings."""
         if not self.heldout:
             return {}
         ev = self.cfg.eval
-        groups = self.generate(self.heldout, n=ev.num_samples, temperature=ev.temperature,
-                               max_tokens=ev.max_response_tokens or self.cfg.rollout.max_response_tokens,
-                               seed=self.cfg.rollout.seed, iteration=0)
-        rewards = self.score(self.heldout, groups, domain=self.heldout_domain)
+        sampling = self.sampling(n=ev.num_samples, temperature=ev.temperature,
+                                 max_tokens=ev.max_response_tokens or
+                                 self.cfg.rollout.max_response_tokens,
+                                 seed=self.cfg.rollout.seed, iteration=0)
+        groups, rewards, _ = self.generate_and_score(self.heldout, sampling,
+                                                     domain=self.heldout_domain)
         lengths = [len(s.response_token_ids) for g in groups for s in g]
         return {"eval/accuracy": sum(rewards) / max(len(rewards), 1),
                 "eval/num_problems": float(len(self.heldout)),
@@ -236,26 +244,23 @@ class GRPORun:
                      for i in self.sampler.next_indices(cfg.rollout.prompts_per_step)]
         with timer("sync"):
             sync_metrics = self.sync_weights()
-        with timer("generate"):
-            groups = self.generate(items, n=cfg.rollout.group_size, temperature=temperature,
-                                   max_tokens=cfg.rollout.max_response_tokens,
-                                   seed=cfg.rollout.seed, iteration=self.step_index + 1)
-        with timer("score"):
-            rewards_B = torch.tensor(self.score(items, groups), dtype=torch.float32)
+        sampling = self.sampling(n=cfg.rollout.group_size, temperature=temperature,
+                                 max_tokens=cfg.rollout.max_response_tokens,
+                                 seed=cfg.rollout.seed, iteration=self.step_index + 1)
+        groups, rewards, num_failed = self.generate_and_score(items, sampling, timer=timer)
+        rewards_B = torch.tensor(rewards, dtype=torch.float32)
         self.last_rewards_B = rewards_B
         samples = [s for g in groups for s in g]
-        batch, keep_B, adv_B = self._prepare(items, samples, rewards_B)
-        with timer("logprob"):
-            parity = self._old_logprobs(batch, samples, temperature)
-        with timer("update"):
-            update = self._update(batch, keep_B, adv_B, temperature)
+        rollouts, keep_B = self._prepare(items, samples, rewards_B)
+        trainer_metrics = train_on_rollouts(self.trainer, rollouts, keep_B,
+                                            self._update_settings(temperature), timer=timer)
         # The controller sees the temperature-adjusted entropy of every rollout token of this
         # step (measured before filtering), and picks the next step's temperature.
-        self.temperature.update(parity.pop("rollout/entropy", float("nan")))
+        self.temperature.update(trainer_metrics.pop("rollout/entropy", float("nan")))
         self.step_index += 1
         metrics = self._rollout_metrics(samples, rewards_B, keep_B)
-        metrics.update(update)
-        metrics.update(parity)
+        metrics["reward/num_failed"] = float(num_failed)
+        metrics.update(trainer_metrics)
         metrics.update({f"sync/{k}": float(v) for k, v in sync_metrics.items()
                         if isinstance(v, (int, float))})
         metrics.update({f"time/{k}": v for k, v in timer.seconds.items()})
@@ -264,80 +269,38 @@ class GRPORun:
         metrics["entropy"] = metrics.get("temperature/entropy_measured", float("nan"))
         return metrics
 
-    def _prepare(self, items, samples, rewards_B):
+    def _prepare(self, items, samples, rewards_B) -> tuple[grpo_batch.Rollouts, torch.Tensor]:
+        """Advantages and filters: (the rollouts as the trainer takes them, keep mask [B])."""
         cfg = self.cfg
-        prompts = [items[i // cfg.rollout.group_size].prompt_ids for i in range(len(samples))]
-        batch = grpo_batch.build_sequences(prompts, [s.response_token_ids for s in samples],
-                                           pad_id=self.tokenizer.pad_token_id or 0)
-        prompt_len = [len(p) for p in prompts]
+        group = cfg.rollout.group_size
         truncated_B = torch.tensor([s.status.value == "truncated" for s in samples])
-        batch["response_mask"] = batch["loss_mask"].clone()  # before any filter
-        batch["loss_mask"] = overlong_filter_mask_BT(batch["loss_mask"], truncated_B,
-                                                     enabled=cfg.grpo.overlong_filter)
+        loss_on_B = ~truncated_B if cfg.grpo.overlong_filter else torch.ones_like(truncated_B)
         keep_B = torch.ones(len(samples), dtype=torch.bool)
         if cfg.grpo.drop_zero_variance_groups:
-            keep_B = zero_variance_filter_B(rewards_B, cfg.rollout.group_size)
-        adv_B = compute_advantages_B(cfg.grpo.advantage, rewards_B, cfg.rollout.group_size)
-        batch["adv"] = adv_B.float()
-        batch["prompt_len"] = torch.tensor(prompt_len)
-        return batch, keep_B, adv_B
+            keep_B = zero_variance_filter_B(rewards_B, group)
+        adv_B = compute_advantages_B(cfg.grpo.advantage, rewards_B, group)
+        rollouts = grpo_batch.Rollouts(
+            prompts=[items[i // group].prompt_ids for i in range(len(samples))],
+            responses=[s.response_token_ids for s in samples], adv_B=adv_B.float(),
+            loss_on_B=loss_on_B, engine_logp=[list(s.logprobs) for s in samples])
+        return rollouts, keep_B
 
-    def _old_logprobs(self, batch, samples, temperature: float) -> dict[str, float]:
-        """Logprobs of the sampled tokens under the synced policy; parity vs the engine."""
-        mbs = grpo_batch.split_micro_batches(batch, range(batch["tokens"].shape[0]),
-                                             self.cfg.grpo.micro_batch_size)
-        outs = forward_logprobs(self._model(), mbs, self.ps, vocab_size=self.model_cfg.vocab_size,
-                                temperature=max(temperature, 1e-6), with_entropy=True)
-        num_seqs = batch["tokens"].shape[0]
-        old = torch.cat([o["logp"] for o in outs])[:num_seqs]
-        batch["old_logp"] = torch.nn.functional.pad(old, (0, 1))  # align with labels [B, S]
-        entropy_BS = torch.nn.functional.pad(torch.cat([o["entropy"] for o in outs])[:num_seqs],
-                                             (0, 1))
-        mask_BS = batch.pop("response_mask")
-        num_tokens = mask_BS.sum().item()
-        entropy = {"rollout/entropy": (entropy_BS * mask_BS).sum().item() / num_tokens
-                   if num_tokens else float("nan")}
-        if not self.cfg.rollout.check_parity:
-            return entropy
-        from megatron_ace.rollout.weight_sync import logprob_parity_metrics
+    def _update_settings(self, temperature: float) -> UpdateSettings:
+        from megatron_ace.model.spec import supports_packed_thd
 
-        trainer_lp, engine_lp = [], []
-        for i, sample in enumerate(samples):
-            start = int(batch["prompt_len"][i]) - 1  # position predicting the first response token
-            n = len(sample.logprobs)
-            trainer_lp.append(batch["old_logp"][i, start: start + n])
-            engine_lp.append(torch.tensor(sample.logprobs, dtype=torch.float32))
-        if not trainer_lp or not sum(t.numel() for t in trainer_lp):
-            return entropy
-        return {**entropy, **logprob_parity_metrics(torch.cat(trainer_lp), torch.cat(engine_lp),
-                                                    clip_eps=self.cfg.grpo.loss.clip_low,
-                                                    prefix="mismatch/")}
-
-    def _update(self, batch, keep_B, adv_B, temperature: float) -> dict[str, float]:
-        from megatron_ace.algorithms.grpo import split_minibatches
-
-        cfg, ps = self.cfg, self.ps
-        kept = keep_B.nonzero().flatten().tolist()
-        if not kept:
-            log.info("step %d: every group has zero reward variance; no update",
-                     self.step_index + 1)
-            return {"update/skipped": 1.0}
-        loss_fn = grpo_batch.GRPOLoss(ps, vocab_size=self.model_cfg.vocab_size,
-                                      temperature=max(temperature, 1e-6), config=cfg.grpo.loss)
-        metrics: dict[str, float] = {}
-        for mini in split_minibatches(len(kept), cfg.grpo.num_updates):
-            rows = [kept[i] for i in mini.tolist()]
-            rows = rows[ps.dp_rank:: ps.dp_size]  # this DP rank's share
-            mbs = grpo_batch.split_micro_batches(batch, rows, cfg.grpo.micro_batch_size)
-            m = train_step(self.trainer.opt, self.trainer.sched, mbs, ps, loss_fn=loss_fn,
-                           output=ModelOutput.LOGITS)
-            metrics = {"update/loss": m.loss, "update/grad_norm": m.grad_norm, "update/lr": m.lr,
-                       "update/tokens": float(m.num_loss_tokens),
-                       "update/ratio_mean": m.extra.get("ratio_sum", float("nan")),
-                       "update/clip_fraction": m.extra.get("clipped_tokens", float("nan")),
-                       "update/entropy": m.extra.get("entropy_sum", float("nan"))}
-        metrics["update/max_abs_ratio_minus_1_first"] = loss_fn.max_abs_ratio_dev
-        return metrics
+        cfg, ps, model = self.cfg, self.ps, self._model()
+        thd = supports_packed_thd(model.ace_spec, model.ace_core_attention)
+        layout = grpo_batch.LayoutConfig(
+            mode=cfg.grpo.batching, max_tokens=cfg.grpo.max_tokens_per_micro_batch,
+            micro_batch_size=cfg.grpo.micro_batch_size,
+            attention=AttentionFormat.THD if thd else AttentionFormat.DENSE_MASK,
+            pad_id=self.tokenizer.pad_token_id or 0,
+            multiple=grpo_batch.pad_multiple(ps.tp_size, ps.sequence_parallel),
+            uniform_length=ps.pp_size > 1)
+        return UpdateSettings(loss=cfg.grpo.loss, num_updates=cfg.grpo.num_updates,
+                              fuse_old_logprobs=cfg.grpo.fuse_old_logprobs, layout=layout,
+                              temperature=temperature, vocab_size=self.model_cfg.vocab_size,
+                              check_parity=cfg.rollout.check_parity)
 
     def _rollout_metrics(self, samples, rewards_B, keep_B) -> dict[str, float]:
         lengths = torch.tensor([len(s.response_token_ids) for s in samples], dtype=torch.float32)

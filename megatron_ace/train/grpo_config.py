@@ -14,6 +14,9 @@ import enum
 from megatron_ace.algorithms.grpo import AdvantageEstimator, PolicyLossConfig
 from megatron_ace.algorithms.temperature import TemperatureConfig, TemperaturePolicyKind
 from megatron_ace.data.chat import SystemPrompt
+from megatron_ace.data.layouts import FieldMap
+from megatron_ace.data.packing import BatchMode
+from megatron_ace.data.tables import BadRowPolicy
 from megatron_ace.model.parallel import ParallelConfig
 from megatron_ace.train.config import (CheckpointConfig, LoggingConfig, LRDecay, ModelSection,
                                        OptimConfig, Precision)
@@ -31,8 +34,9 @@ class Domain(enum.Enum):
 @dataclasses.dataclass(kw_only=True)
 class PromptDataConfig:
     train_path: str
-    """JSONL or parquet of prompts: `prompt` (string or chat messages) and `answer` (math) or
-    test cases (code)."""
+    """Prompt file or folder (.jsonl, JSON array, parquet, `datasets` Arrow) in a published
+    layout: math `problem`/`answer` (AceReason-Math, DeepScaleR, MATH-500...), code
+    LiveCodeBench / TACO / APPS / DeepCoder, or our own `prompt` + `answer` / tests."""
     heldout_path: str = ""
     """Held-out prompts for the evaluation hook ("" = none)."""
     tokenizer: str = ""
@@ -43,8 +47,11 @@ class PromptDataConfig:
     """System message added to every prompt."""
     max_prompt_tokens: int = 1024
     """Prompts longer than this are an error naming the row (or skipped, see on_bad_row)."""
-    skip_bad_rows: bool = False
-    """Skip and count malformed rows instead of stopping at the first one."""
+    on_bad_row: BadRowPolicy = BadRowPolicy.ERROR
+    """ERROR: a malformed row (no answer, no usable tests...) stops loading, naming file and
+    row; SKIP: it is skipped and counted."""
+    fields: FieldMap = dataclasses.field(default_factory=FieldMap)
+    """Column mapping for other layouts (`data.fields.prompt=statement`)."""
 
     def __post_init__(self) -> None:
         if not self.train_path:
@@ -97,12 +104,23 @@ class AlgoConfig:
     """Skip groups whose rollouts all got the same reward (they carry no gradient)."""
     num_updates: int = 1
     """Policy updates (mini-batches) per rollout batch; 1 = strictly on-policy (AceReason)."""
+    fuse_old_logprobs: bool = True
+    """With num_updates == 1, the update's own forward supplies the old logprobs (ratio exactly
+    1), the entropy and the mismatch metrics: no separate logprob pass."""
+    batching: BatchMode = BatchMode.PACKED
+    """PACKED: rollouts back to back in micro-batches of at most max_tokens_per_micro_batch
+    positions, balanced over DP ranks. PADDED: micro_batch_size rollouts per micro-batch, each
+    padded to the step's longest (for comparison)."""
+    max_tokens_per_micro_batch: int = 16384
+    """PACKED: token budget (prompt + response positions) of one micro-batch; a longer rollout
+    gets a micro-batch of its own. Size it to what one forward/backward fits in memory."""
     micro_batch_size: int = 8
-    """Sequences per forward/backward micro-batch."""
+    """PADDED: rollouts per forward/backward micro-batch."""
 
     def __post_init__(self) -> None:
-        if self.num_updates < 1 or self.micro_batch_size < 1:
-            raise ValueError("grpo.num_updates and grpo.micro_batch_size must be >= 1")
+        for name in ("num_updates", "micro_batch_size", "max_tokens_per_micro_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -169,7 +187,7 @@ def grpo_tiny() -> GRPOConfig:
                                 temperature=TemperatureConfig(
                                     policy=TemperaturePolicyKind.FIXED, initial_temperature=1.0))
     cfg.grpo = AlgoConfig(loss=PolicyLossConfig(clip_low=0.2, clip_high=0.28),
-                          micro_batch_size=32)
+                          max_tokens_per_micro_batch=8192, micro_batch_size=32)
     cfg.optim = OptimConfig(lr=1e-4, min_lr=1e-4, decay=LRDecay.CONSTANT, warmup_steps=0,
                             weight_decay=0.0, clip_grad=1.0)
     cfg.eval = EvalConfig(every_steps=0, max_problems=200, max_response_tokens=96)

@@ -1,34 +1,53 @@
-"""Prompt sets for RL and evaluation, their sampler, and the reward pool per domain.
+"""Prompt sets for RL, their sampler, and the reward pool per domain.
 
-A prompt row is `{"prompt": str | [messages], "answer": ...}` (math) or a prompt plus test
-cases in a layout the code reward reads (code). Rows are validated up front: a malformed row is
-an error naming the file and row (or skipped and counted with `data.skip_bad_rows`).
+Prompt files are read in any format `data/tables.py` reads and any layout of `data/layouts.py`
+for the run's domain: math `problem`/`answer` (nvidia/AceReason-Math, DeepScaleR's JSON array,
+MATH-500, AIME sets; capitalised `Problem`/`Answer`; `question`/`answer`) or our own
+`prompt`/`answer`; code LiveCodeBench, TACO/APPS, DeepCoder, HumanEval or our own `prompt` +
+tests. Rows are validated up front, code tests included (parsed once here and kept with the
+prompt): a malformed row is an error naming the file and row (or skipped and counted with
+`data.on_bad_row=skip`), never a failure at the first reward step.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from megatron_ace.data.chat import render_generation_prompt, system_prompt_text
+from megatron_ace.data.layouts import CodeProblem, RecordKind, code_user_prompt, parse_record
 from megatron_ace.data.packing import ResumableSampler
+from megatron_ace.data.tables import (
+    BadRowPolicy,
+    RowError,
+    expand_paths,
+    iter_rows,
+    open_table,
+    row_error,
+)
+from megatron_ace.rewards.code_tests import CodeTests, parse_tests
 from megatron_ace.train.grpo_config import Domain, PromptDataConfig
+from megatron_ace.train.reward_stream import RewardOutcome, score_all
 from megatron_ace.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+_KIND = {Domain.MATH: RecordKind.MATH, Domain.CODE: RecordKind.CODE}
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptItem:
     index: int
-    """Row number in its file (0-based)."""
+    """Row number in its file (from 1)."""
     prompt_ids: list[int]
     """Rendered ChatML prompt ending with `<|im_start|>assistant\\n`."""
     answer: str
     """Reference answer (math); "" for code."""
-    row: dict[str, Any]
-    """The original row (code tests live here)."""
+    tests: CodeTests | None = None
+    """Parsed test cases (code)."""
+    source: str = ""
+    """The file the row came from."""
 
 
 def load_tokenizer(path: str) -> Any:
@@ -39,28 +58,26 @@ def load_tokenizer(path: str) -> Any:
     return load(path)
 
 
-def _read_rows(path: str) -> list[dict[str, Any]]:
-    import datasets
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    kind = "parquet" if file.suffix == ".parquet" else "json"
-    ds = datasets.load_dataset(kind, data_files=str(file), split="train")
-    return [dict(r) for r in ds]
-
-
 def load_prompts(path: str, cfg: PromptDataConfig, tokenizer: Any) -> list[PromptItem]:
-    """Validated, tokenized prompts of one file."""
+    """Validated, tokenized prompts of a file or folder."""
     system = system_prompt_text(cfg.system_prompt, cfg.domain.value)
     items, skipped = [], 0
-    for i, row in enumerate(_read_rows(path)):
-        try:
-            items.append(_item(i, row, cfg, tokenizer, system))
-        except ValueError as exc:
-            if not cfg.skip_bad_rows:
-                raise ValueError(f"{path}: row {i}: {exc}") from None
-            skipped += 1
+    for unit in expand_paths([path], what="prompt path"):
+        table = open_table(unit)
+        for number, row in iter_rows(table):
+            if row is None:
+                continue
+            try:
+                if isinstance(row, RowError):
+                    raise row
+                items.append(_item(number, row, cfg, tokenizer, system, table.source))
+            except ValueError as exc:  # RowError is one
+                message = row_error(table.source, number, str(exc))
+                if cfg.on_bad_row is BadRowPolicy.ERROR:
+                    raise ValueError(f"{message} (data.on_bad_row=skip skips such rows)") from None
+                skipped += 1
+                if skipped <= 5:
+                    log.warning("skipped: %s", message)
     if skipped:
         log.warning("%s: skipped %d malformed row(s)", path, skipped)
     if not items:
@@ -69,21 +86,20 @@ def load_prompts(path: str, cfg: PromptDataConfig, tokenizer: Any) -> list[Promp
     return items
 
 
-def _item(i: int, row: dict, cfg: PromptDataConfig, tokenizer: Any, system: str | None
-          ) -> PromptItem:
-    prompt = row.get("prompt", row.get("problem", row.get("question")))
-    if not isinstance(prompt, (str, list)) or not prompt:
-        raise ValueError("missing or empty 'prompt'")
-    answer = row.get("answer")
-    if cfg.domain is Domain.MATH and (answer is None or str(answer).strip() == ""):
-        raise ValueError("missing 'answer'")
-    ids = render_generation_prompt(tokenizer, prompt, system=system if isinstance(prompt, str)
-                                   else None)
+def _item(number: int, row: dict, cfg: PromptDataConfig, tokenizer: Any, system: str | None,
+          source: str) -> PromptItem:
+    record = parse_record(row, [_KIND[cfg.domain]], cfg.fields)
+    if isinstance(record, CodeProblem):
+        tests = parse_tests(record.test_fields)
+        prompt, answer = code_user_prompt(record, tests.fn_name), ""
+    else:
+        tests, prompt, answer = None, record.problem, record.answer
+    ids = render_generation_prompt(tokenizer, prompt,
+                                   system=system if isinstance(prompt, str) else None)
     if len(ids) > cfg.max_prompt_tokens:
         raise ValueError(f"prompt has {len(ids)} tokens > data.max_prompt_tokens "
                          f"({cfg.max_prompt_tokens})")
-    return PromptItem(index=i, prompt_ids=ids, answer="" if answer is None else str(answer),
-                      row=row)
+    return PromptItem(index=number, prompt_ids=ids, answer=answer, tests=tests, source=source)
 
 
 class PromptSampler(ResumableSampler):
@@ -96,14 +112,22 @@ class PromptSampler(ResumableSampler):
 class MathRewards:
     """Math answers graded with math-verify in a pool of worker processes."""
 
+    FAILED = ("timeout", "error")
+    """Statuses that mean the grading failed (a hung or crashed worker), not a wrong answer."""
+
     def __init__(self, num_workers: int = 2, timeout_s: float = 10.0) -> None:
         from megatron_ace.rewards.math_reward import MathRewardPool
 
         self.pool = MathRewardPool(num_workers=num_workers, timeout_s=timeout_s)
 
+    def submit(self, item: PromptItem, sample: Any) -> concurrent.futures.Future:
+        return self.pool.submit(sample.response_text, item.answer)
+
+    def outcome(self, result: Any) -> RewardOutcome:
+        return RewardOutcome(result.reward, result.status.value in self.FAILED)
+
     def score_samples(self, items: list[PromptItem], samples: list[Any]) -> list[float]:
-        results = self.pool.score([s.response_text for s in samples], [it.answer for it in items])
-        return [r.reward for r in results]
+        return score_all(self, items, [[s] for s in samples])[0]
 
     def close(self) -> None:
         self.pool.close()
@@ -112,14 +136,24 @@ class MathRewards:
 class CodeRewards:
     """Programs run against the row's tests in the bubblewrap sandbox pool."""
 
+    FAILED = ("sandbox_error",)
+    """Statuses that mean the sandbox failed, not the program."""
+
     def __init__(self) -> None:
         from megatron_ace.rewards.code_reward import CodeRewardPool
 
         self.pool = CodeRewardPool()
 
+    def submit(self, item: PromptItem, sample: Any) -> concurrent.futures.Future:
+        from megatron_ace.rewards.code_reward import extract_program, task_for
+
+        return self.pool.submit(task_for(item.tests, extract_program(sample.response_text)))
+
+    def outcome(self, result: Any) -> RewardOutcome:
+        return RewardOutcome(result.reward, result.status.value in self.FAILED)
+
     def score_samples(self, items: list[PromptItem], samples: list[Any]) -> list[float]:
-        rows = [{**it.row, "response": s.response_text} for it, s in zip(items, samples)]
-        return [r.reward for r in self.pool.score(rows)]
+        return score_all(self, items, [[s] for s in samples])[0]
 
     def close(self) -> None:
         self.pool.close()

@@ -44,8 +44,9 @@ LossFn = Callable[[torch.Tensor, Mapping[str, Any]],
                   tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 """(nll_BS, micro_batch) -> (loss_sum scalar, num_tokens scalar, metric sums {name: scalar}).
 
-Metric sums are summed over micro-batches and DP ranks and divided by the global number of
-loss tokens, like the loss."""
+Metric sums are summed over micro-batches and DP ranks (`StepMetrics.sums`) and divided by the
+global number of loss tokens, like the loss (`StepMetrics.extra`). A metric named `*_max` /
+`*_min` is an extreme instead: combined with max / min, never divided."""
 
 
 
@@ -105,7 +106,9 @@ class StepMetrics:
     elapsed_s: float
     """Wall time of the step."""
     extra: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Loss-function metrics, per loss token."""
+    """Loss-function metrics, per loss token (extremes `*_max` / `*_min` as they are)."""
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Loss-function metrics as reduced over micro-batches and DP ranks, before dividing."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -140,21 +143,34 @@ def _loss_wrapper(nll_BS: torch.Tensor, *, batch: Mapping[str, Any], loss_fn: Lo
         raise ValueError("loss_fn metrics must not be named 'loss' (the step reports it)")
     scaled = loss_sum / max(num_global_tokens, 1)
     # Accumulate detached copies: the schedule may rescale the tensors it is handed in place.
-    sums["loss"] = sums.get("loss", 0.0) + loss_sum.detach().float()
-    for name, value in metrics.items():
-        sums[name] = sums.get(name, 0.0) + value.detach().float()
+    accumulate_sums(sums, {"loss": loss_sum, **metrics})
     return scaled, num_tokens.detach().to(torch.int), {}
+
+
+def _extreme_op(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    return torch.maximum if name.endswith("_max") else torch.minimum if name.endswith("_min") \
+        else None
+
+
+def accumulate_sums(sums: dict[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> None:
+    """Add `values` into `sums` (detached, float64); `*_max` / `*_min` keep the extreme."""
+    for name, value in values.items():
+        value = torch.as_tensor(value).detach().double()
+        if name not in sums:
+            sums[name] = value
+        else:
+            op = _extreme_op(name)
+            sums[name] = op(sums[name], value) if op else sums[name] + value
 
 
 def _forward_step(data_iterator, model, *, loss_fn: LossFn, num_global_tokens: int,
                   sums: dict[str, torch.Tensor], device: torch.device, output: ModelOutput):
+    from megatron_ace.model.forward import model_inputs
+
     batch = _to_device(next(data_iterator), device)
     labels = batch["labels"] if output is ModelOutput.NLL else None
-    tokens_BS = batch["tokens"]
-    position_ids_BS = batch.get("position_ids")
-    if position_ids_BS is None:
-        position_ids_BS = torch.arange(tokens_BS.shape[1], device=device).expand_as(tokens_BS)
-    out = model(tokens_BS, position_ids_BS, batch.get("attention_mask"), labels=labels)
+    tokens_BS, position_ids_BS, mask, packed = model_inputs(batch, device)
+    out = model(tokens_BS, position_ids_BS, mask, labels=labels, packed_seq_params=packed)
     return out, partial(_loss_wrapper, batch=batch, loss_fn=loss_fn,
                            num_global_tokens=num_global_tokens, sums=sums)
 
@@ -195,25 +211,35 @@ def run_schedule(model_chunks: list[torch.nn.Module], micro_batches: Sequence[Ma
     return sums
 
 
-def reduce_metric_sums(sums: dict[str, torch.Tensor], ps: Any, num_global_tokens: int
-                       ) -> dict[str, float]:
-    """Sum over DP ranks on the last stage, divide by the token count, share with all stages."""
+def reduce_metric_sums(sums: dict[str, torch.Tensor], ps: Any) -> dict[str, float]:
+    """Combine over DP ranks on the last stage (sum; max / min for `*_max` / `*_min`), then
+    share with all stages. Every DP rank must hold the same names (the loss function's)."""
     result: dict[str, float] | None = None
     if ps.is_last_stage:
-        names = sorted(sums)
-        values = torch.stack([torch.as_tensor(sums[n], dtype=torch.float64) for n in names]) \
-            if names else torch.zeros(0, dtype=torch.float64)
-        values = values.to(_comm_device())
-        if ps.dp_size > 1 and names:
-            dist.all_reduce(values, group=ps.dp_group)
-        denom = max(num_global_tokens, 1)
-        result = {n: float(v) / denom for n, v in zip(names, values.tolist())}
+        result = {}
+        groups: dict[Any, list[str]] = {}
+        for name in sorted(sums):
+            groups.setdefault(_extreme_op(name), []).append(name)
+        reduce_ops = {None: dist.ReduceOp.SUM, torch.maximum: dist.ReduceOp.MAX,
+                      torch.minimum: dist.ReduceOp.MIN}
+        for op, names in groups.items():
+            values = torch.stack([torch.as_tensor(sums[n], dtype=torch.float64) for n in names])
+            values = values.to(_comm_device())
+            if ps.dp_size > 1:
+                dist.all_reduce(values, op=reduce_ops[op], group=ps.dp_group)
+            result.update(zip(names, values.tolist()))
     if ps.pp_size > 1:
         box = [result]
         dist.broadcast_object_list(box, src=ps.pp_global_rank(ps.pp_size - 1), group=ps.pp_group)
         result = box[0]
     assert result is not None
     return result
+
+
+def per_token(sums: dict[str, float], num_global_tokens: int) -> dict[str, float]:
+    """Sums divided by the global loss-token count; extremes stay as they are."""
+    denom = max(num_global_tokens, 1)
+    return {n: v if _extreme_op(n) else v / denom for n, v in sums.items()}
 
 
 def train_step(opt: TrainOptimizer, sched: LRSchedule, micro_batches: Sequence[Mapping[str, Any]],
@@ -237,20 +263,23 @@ def train_step(opt: TrainOptimizer, sched: LRSchedule, micro_batches: Sequence[M
     lr = sched.apply(opt.param_groups)
     outcome = opt.step()
     sched.advance()
-    metrics = reduce_metric_sums(sums, ps, num_global_tokens)
+    reduced = reduce_metric_sums(sums, ps)
+    metrics = per_token(reduced, num_global_tokens)
     loss = metrics.pop("loss")
     return StepMetrics(
         loss=loss, num_loss_tokens=num_global_tokens, num_tokens=int(num_positions.item()),
         grad_norm=outcome.grad_norm, lr=lr, skipped=outcome.skipped,
-        elapsed_s=time.perf_counter() - start, extra=metrics,
+        elapsed_s=time.perf_counter() - start, extra=metrics, sums=reduced,
     )
 
 
 @torch.no_grad()
-def forward_only(model_chunks: list[torch.nn.Module], micro_batches: Sequence[Mapping[str, Any]],
-                 ps: Any, *, loss_fn: LossFn = sft_loss, output: ModelOutput = ModelOutput.NLL,
-                 token_key: str = "loss_mask") -> dict[str, float]:
-    """Mean loss (and loss-function metrics) per loss token, without backward."""
+def forward_only_sums(model_chunks: list[torch.nn.Module],
+                      micro_batches: Sequence[Mapping[str, Any]], ps: Any, *,
+                      loss_fn: LossFn = sft_loss, output: ModelOutput = ModelOutput.NLL,
+                      token_key: str = "loss_mask") -> tuple[dict[str, float], int]:
+    """Loss-function sums over micro-batches and DP ranks without backward, and the global
+    loss-token count."""
     num_global_tokens = count_loss_tokens(micro_batches, ps, token_key)
     for chunk in model_chunks:
         chunk.eval()
@@ -260,4 +289,13 @@ def forward_only(model_chunks: list[torch.nn.Module], micro_batches: Sequence[Ma
     finally:
         for chunk in model_chunks:
             chunk.train()
-    return reduce_metric_sums(sums, ps, num_global_tokens)
+    return reduce_metric_sums(sums, ps), num_global_tokens
+
+
+def forward_only(model_chunks: list[torch.nn.Module], micro_batches: Sequence[Mapping[str, Any]],
+                 ps: Any, *, loss_fn: LossFn = sft_loss, output: ModelOutput = ModelOutput.NLL,
+                 token_key: str = "loss_mask") -> dict[str, float]:
+    """Mean loss (and loss-function metrics) per loss token, without backward."""
+    sums, num_global_tokens = forward_only_sums(model_chunks, micro_batches, ps, loss_fn=loss_fn,
+                                                output=output, token_key=token_key)
+    return per_token(sums, num_global_tokens)
