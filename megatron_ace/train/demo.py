@@ -60,7 +60,8 @@ TEMPERATURE_OVERRIDES = [
 ]
 GRPO_OVERRIDES = [
     "rollout.prompts_per_step=32", "rollout.group_size=8", "rollout.max_response_tokens=64",
-    "grpo.loss.clip_low=0.2", "grpo.loss.clip_high=0.2", "grpo.micro_batch_size=64",
+    # A step's 256 rollouts are packed into micro-batches of grpo-tiny's token budget (8192).
+    "grpo.loss.clip_low=0.2", "grpo.loss.clip_high=0.2",
     "optim.lr=2e-4", "optim.min_lr=2e-4", "optim.adam_beta2=0.99", "steps=200",
     # SFT and GRPO models are evaluated alike: same 256 held-out problems, 4 samples each, T=1,
     # whatever temperature the rollouts used.
