@@ -63,11 +63,12 @@ def test_grpo_iteration_cli_on_existing_metrics(tmp_path):
     from bench_grpo_iteration import PHASES
 
     metrics = tmp_path / "metrics.jsonl"
-    steps = [{p: 10.0 * (i + 1) + j for i, p in enumerate(PHASES)} for j in range(3)]
+    steps = [{p: (100.0 if p == "generate" else 10.0 * (i + 1)) + j for i, p in enumerate(PHASES)}
+             for j in range(3)]
     metrics.write_text("\n".join(json.dumps(r) for r in _rows(steps)) + "\n")
     proc = _run("bench_grpo_iteration.py", "--metrics", metrics, "--out", tmp_path / "g.json")
     report = json.loads((tmp_path / "g.json").read_text())
-    assert report["slowest_phase"] == "update" and "slowest phase: update" in proc.stdout
+    assert report["slowest_phase"] == "generate" and "slowest phase: generate" in proc.stdout
 
 
 # ---- bench_weight_sync -------------------------------------------------------------------------

@@ -29,7 +29,8 @@ WORKER = REPO / "tests" / "workers" / "grpo_update_worker.py"
 LR, ADAM_EPS = 1e-3, 1e-8  # the worker's optimizer
 NUM_POSITIONS = 400  # about the real positions of the worker's rollouts: the terms of each sum
 BASE_CASES = ("packed", "padded", "packed-nokeep", "padded-nokeep")
-TP1_CASES = BASE_CASES + ("packed-separate", "packed-updates2", "padded-updates2")
+TP1_CASES = BASE_CASES + ("packed-separate", "packed-updates2", "padded-updates2",
+                          "packed-measureall")
 LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2)}
 NOT_COMPARED = {"update/real_token_share"}  # differs by design
 
@@ -96,7 +97,8 @@ def test_packed_equals_padded(runs, layout):
     assert_metrics_close(nokeep_a["metrics"], nokeep_b["metrics"])
     assert all(torch.equal(nokeep_a["params"][k], result["initial"][k].to(nokeep_a["params"][k]))
                for k in nokeep_a["params"])
-    assert nokeep_a["metrics"]["mismatch/num_tokens"] == packed["metrics"]["mismatch/num_tokens"]
+    # Measurements cover the trained rollouts; with nothing trained, every rollout.
+    assert 0 < packed["metrics"]["mismatch/num_tokens"] < nokeep_a["metrics"]["mismatch/num_tokens"]
 
 
 @pytest.mark.dist
@@ -135,3 +137,16 @@ def test_fused_forward_equals_separate_logprob_pass(runs):
     assert two["update/separate_logprob_pass"] == 1.0
     assert two["update/ratio_mean"] != 1.0
     assert_metrics_close(two, result["padded-updates2"]["metrics"])
+
+
+@pytest.mark.dist
+@pytest.mark.numerics
+def test_measuring_filtered_rollouts_covers_every_rollout_and_changes_no_update(runs):
+    result = runs("tp1")
+    default, every = result["packed"], result["packed-measureall"]
+    assert (every["metrics"]["mismatch/num_tokens"]
+            == result["packed-nokeep"]["metrics"]["mismatch/num_tokens"]
+            > default["metrics"]["mismatch/num_tokens"])
+    assert every["metrics"]["rollout/entropy"] != default["metrics"]["rollout/entropy"]
+    for name in default["params"]:  # a forward-only pass: the update is the same
+        assert torch.equal(default["params"][name], every["params"][name]), name

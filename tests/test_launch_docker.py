@@ -75,10 +75,13 @@ def test_megatron_core_pin_is_inside_the_tested_range():
 def test_launcher_and_rollout_pins_agree_everywhere():
     args = _args()
     _, extras = _setup_requirements()
-    script = (REPO / "scripts" / "setup_launch_env.sh").read_text()
+    # The launcher environment installs requirements/lock-launch.txt (scripts/setup_launch_env.sh).
+    assert "requirements/lock-launch.txt" in (REPO / "scripts" / "setup_launch_env.sh").read_text()
+    launch_lock = _requirements_file("lock-launch.txt")
     for pkg, arg in (("nemo-run", "NEMO_RUN_VERSION"), ("leptonai", "LEPTONAI_VERSION")):
         assert str(_find(extras["launch"], pkg).specifier) == f"=={args[arg]}"
-        assert f"{pkg}=={args[arg]}" in script
+        assert str(_find(launch_lock, pkg).specifier) == f"=={args[arg]}"
+        assert str(_find(_requirements_file("launch.txt"), pkg).specifier) == f"=={args[arg]}"
     assert str(_find(extras["gpu-rollout"], "vllm").specifier) == f"=={args['VLLM_VERSION']}"
 
 

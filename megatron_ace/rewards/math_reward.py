@@ -297,6 +297,12 @@ def _score_pair(pair: tuple[str, str], *, config: MathRewardConfig) -> MathResul
     return score_math(pair[0], pair[1], config)
 
 
+def warm_up() -> None:
+    """Load math-verify's parsers and sympy with one small verification (a worker's first call
+    otherwise pays seconds of lazy imports inside its first item's timeout)."""
+    score_math("\\boxed{\\frac{1}{2}}", "0.5")
+
+
 def _timeout_result(pair: tuple[str, str], *, config: MathRewardConfig) -> MathResult:
     extraction = extract_answer(pair[0], config.policy, after_think=config.after_think)
     return MathResult(
@@ -323,6 +329,7 @@ class MathRewardPool:
         self._pool: RewardPool[tuple[str, str], MathResult] = RewardPool(
             functools.partial(_score_pair, config=config), num_workers, timeout_s,
             on_timeout=functools.partial(_timeout_result, config=config), on_error=_error_result,
+            initializer=warm_up,
         )
 
     @property

@@ -82,10 +82,16 @@ class _Worker:
     spawned_at: float = field(default_factory=time.monotonic)
 
 
-def _worker_main(fn: Callable[[Any], Any], conn: multiprocessing.connection.Connection) -> None:
+def _worker_main(
+    fn: Callable[[Any], Any],
+    conn: multiprocessing.connection.Connection,
+    initializer: Callable[[], None] | None = None,
+) -> None:
     """Worker loop: receive `(task_id, item)`, reply `(task_id, ok, result_or_message)`."""
     # Ctrl-C goes to the whole process group; the parent decides, and kills us if needed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer()  # lazy imports and first-call set-up, before any item's clock starts
     conn.send(("ready", True, os.getpid()))
     while True:
         try:
@@ -115,6 +121,9 @@ class RewardPool(Generic[ItemT, ResultT]):
     `on_timeout(item)` when given, else its future raises `ItemTimeoutError`; an item whose `fn`
     raised or whose worker died resolves to `on_error(item, message)` when given, else raises
     `WorkerError`. Use as a context manager, or call `close()`: no worker outlives the pool.
+    `initializer()` runs once in each worker (replacements included) before it takes items, so
+    slow first-call set-up (lazy imports, parser tables) never counts against an item's timeout;
+    a worker whose initializer raises dies before it is ready, which marks the pool broken.
     """
 
     def __init__(
@@ -126,6 +135,7 @@ class RewardPool(Generic[ItemT, ResultT]):
         on_timeout: Callable[[ItemT], ResultT] | None = None,
         on_error: Callable[[ItemT, str], ResultT] | None = None,
         start_method: str = "spawn",
+        initializer: Callable[[], None] | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn: expected a callable, got {fn!r}")
@@ -135,7 +145,10 @@ class RewardPool(Generic[ItemT, ResultT]):
             raise ValueError(f"timeout_s: must be > 0, got {timeout_s!r}")
         if start_method not in multiprocessing.get_all_start_methods():
             raise ValueError(f"start_method: {start_method!r} is not available here")
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer: expected a callable or None, got {initializer!r}")
         self._fn = fn
+        self._initializer = initializer
         self._timeout_s = float(timeout_s)
         self._on_timeout = on_timeout
         self._on_error = on_error
@@ -220,7 +233,7 @@ class RewardPool(Generic[ItemT, ResultT]):
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=_worker_main, args=(self._fn, child_conn), name="reward-worker", daemon=True
+            target=_worker_main, args=(self._fn, child_conn, self._initializer), name="reward-worker", daemon=True
         )
         process.start()
         child_conn.close()  # so the parent sees EOF when the worker dies

@@ -1,12 +1,14 @@
 """`ace grpo`: strictly on-policy GRPO with vLLM rollouts on a Megatron-Core policy.
 
 One iteration, top to bottom (`GRPORun.step`):
-  sync weights -> generate n rollouts per prompt -> score -> filter (overlong, zero-variance
-  groups) -> group-normalised advantages -> trainer logprobs (+ parity vs the engine) ->
-  token-level clipped policy update -> temperature policy -> log / checkpoint.
+  sync weights -> generate n rollouts per prompt (each group scored as soon as it finishes) ->
+  filter (overlong, zero-variance groups) -> group-normalised advantages -> token-level clipped
+  policy update on packed micro-batches, whose forward also gives the old logprobs, the entropy
+  and the parity vs the engine (grpo_update.py) -> temperature policy -> log / checkpoint.
 
-The temperature policy is fed, every step, the temperature-adjusted entropy of all response
-tokens of the step's rollouts (trainer-side, at the sampling temperature, before any filter);
+The temperature policy is fed, every step, the temperature-adjusted entropy of the response
+tokens of the rollouts the update trains on (trainer-side, at the sampling temperature, overlong
+ones included; every rollout with `grpo.measure_filtered_rollouts` or when none is trained on);
 metrics carry `temperature/used` (this step's), `temperature/temperature` (the next step's),
 the target and the measurement. `GRPORun.reconfigure` switches prompts, reward, sampling and
 loss on the same policy, optimizer and engine (one curriculum stage after another, see
@@ -254,8 +256,8 @@ class GRPORun:
         rollouts, keep_B = self._prepare(items, samples, rewards_B)
         trainer_metrics = train_on_rollouts(self.trainer, rollouts, keep_B,
                                             self._update_settings(temperature), timer=timer)
-        # The controller sees the temperature-adjusted entropy of every rollout token of this
-        # step (measured before filtering), and picks the next step's temperature.
+        # The controller sees the temperature-adjusted entropy measured by the update's forward
+        # (see the module docstring), and picks the next step's temperature.
         self.temperature.update(trainer_metrics.pop("rollout/entropy", float("nan")))
         self.step_index += 1
         metrics = self._rollout_metrics(samples, rewards_B, keep_B)
@@ -300,7 +302,8 @@ class GRPORun:
         return UpdateSettings(loss=cfg.grpo.loss, num_updates=cfg.grpo.num_updates,
                               fuse_old_logprobs=cfg.grpo.fuse_old_logprobs, layout=layout,
                               temperature=temperature, vocab_size=self.model_cfg.vocab_size,
-                              check_parity=cfg.rollout.check_parity)
+                              check_parity=cfg.rollout.check_parity,
+                              measure_filtered=cfg.grpo.measure_filtered_rollouts)
 
     def _rollout_metrics(self, samples, rewards_B, keep_B) -> dict[str, float]:
         lengths = torch.tensor([len(s.response_token_ids) for s in samples], dtype=torch.float32)

@@ -107,6 +107,10 @@ class AlgoConfig:
     fuse_old_logprobs: bool = True
     """With num_updates == 1, the update's own forward supplies the old logprobs (ratio exactly
     1), the entropy and the mismatch metrics: no separate logprob pass."""
+    measure_filtered_rollouts: bool = False
+    """Entropy (for the temperature policy) and mismatch metrics also over the rollouts that are
+    not trained on (zero-variance groups), at the cost of a forward-only pass over them; by
+    default they cover the trained rollouts (every rollout when none is trained on)."""
     batching: BatchMode = BatchMode.PACKED
     """PACKED: rollouts back to back in micro-batches of at most max_tokens_per_micro_batch
     positions, balanced over DP ranks. PADDED: micro_batch_size rollouts per micro-batch, each

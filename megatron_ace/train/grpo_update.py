@@ -11,9 +11,11 @@ Every rollout of the step goes through the trainer's forward exactly once per pu
   mini-batch's micro-batches, all before the first update, keeps the old logprobs with the very
   micro-batches the update will use on this rank (same plan, so nothing crosses ranks), and
   measures entropy and mismatch; then the updates.
-- Rollouts that are not trained on (zero-variance groups) are measured by a forward-only pass
-  of their own, so entropy and mismatch always cover every rollout of the step, as the
-  temperature controller expects (measured before any filter).
+- Rollouts that are not trained on (zero-variance groups) go through no forward by default:
+  entropy and mismatch then cover the rollouts the update trains on (all of them, truncated
+  ones included). `measure_filtered=True` adds a forward-only pass over the others so the
+  measurements cover every rollout of the step, at the cost of that forward; the pass also runs
+  whenever nothing is trained on, so the temperature controller always gets a measurement.
 
 Losses are token-level: `train_step` divides every micro-batch's loss sum once by the step's
 loss tokens over all micro-batches and DP ranks. Measurements are sums reduced the same way
@@ -123,6 +125,8 @@ class UpdateSettings:
     """Real vocabulary (TP padding columns are masked)."""
     check_parity: bool = True
     """Measure the trainer-vs-engine mismatch."""
+    measure_filtered: bool = False
+    """Also measure (forward only) the rollouts that are not trained on."""
 
 
 def _no_timer(name: str) -> AbstractContextManager:
@@ -172,7 +176,7 @@ def train_on_rollouts(trainer: Any, rollouts: grpo_batch.Rollouts, keep_B: torch
                for plan in plans]
     measured: dict[str, torch.Tensor] = {}
     with timer("logprob"):
-        if dropped:
+        if dropped and (settings.measure_filtered or not kept):
             only_measured = grpo_batch.build_micro_batches(
                 rollouts, _plan(rollouts, dropped, settings, ps), ps.dp_rank, settings.layout,
                 in_loss=False)

@@ -7,9 +7,10 @@ and the same synthetic rollouts (long-tailed lengths, one sequence longer than t
 budget, groups with and without reward variance, truncated responses under the overlong
 filter), runs `train_on_rollouts` once, and records on global rank 0: the step's metrics, the
 full (HF-named, gathered over TP/PP) gradient and parameters after the update, and each DP
-rank's real positions. Cases: `<mode>[-separate][-updates2][-nokeep]` with mode `packed` or
+rank's real positions. Cases: `<mode>[-separate][-updates2][-nokeep][-measureall]` with mode `packed` or
 `padded`; `-separate` turns off the fused old-logprob forward, `-updates2` runs two
-mini-batches, `-nokeep` drops every group (nothing to train on).
+mini-batches, `-nokeep` drops every group (nothing to train on), `-measureall` also measures
+the rollouts that are not trained on.
 """
 
 import sys
@@ -81,7 +82,8 @@ def run_case(case: str, cfg, sd, ps) -> dict:
     settings = UpdateSettings(loss=PolicyLossConfig(clip_low=0.2, clip_high=0.28),
                               num_updates=2 if "updates2" in parts else 1,
                               fuse_old_logprobs="separate" not in parts, layout=layout,
-                              temperature=0.9, vocab_size=cfg.vocab_size)
+                              temperature=0.9, vocab_size=cfg.vocab_size,
+                              measure_filtered="measureall" in parts)
     metrics = train_on_rollouts(trainer, batch, keep, settings)
     # Gradients by HF name: the same gather as the weights, run on a model holding the grads.
     holder = build_model(cfg, ps)
