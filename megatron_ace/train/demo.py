@@ -45,18 +45,23 @@ ENTROPY_TARGET = 0.15
 """Temperature-adjusted entropy (nats per token) the demo's rollouts are steered to.
 
 AceReason's 0.3 suits a 7B model writing long reasoning; the tiny model's tokens are digits and
-operators in a fixed format, so its entropy is on another scale: after SFT it measures 0.05 /
-0.17 / 0.30 at T = 0.3 / 1.0 / 1.5 (the policy's bounds and the start), and GRPO lowers it
-(0.18 -> 0.09 over 200 steps at a fixed T = 1). Sweep (SFT once, then the GRPO phase per
-target: `ace demo --sft-from runs/demo/sft --out runs/sweep/tX
---grpo rollout.temperature.target_entropy=X`): SWEEP_TABLE
-The target is the highest one whose temperature stays inside the bounds for the whole run:
-a higher one pins the temperature at 1.5 and no longer holds the entropy.
+operators in a fixed format, so its entropy is on another scale. Chosen from a temperature sweep
+of the SFT model (the real-model controller test, tests/test_temperature_real_model.py, measures
+it the same way): 0.05 / 0.17 / 0.30 at T = 0.3 / 1.0 / 1.5, the policy's lower bound, start and
+upper bound. GRPO then lowers the entropy at a fixed T (0.18 -> 0.09 over 200 steps at T = 1),
+so holding a target needs a rising temperature: with 0.15 the recorded run raised T from 0.87 to
+1.43, near the 1.5 bound, and held the entropy at 0.150 on average over its second half; a
+higher target needs a higher T sooner and would meet the bound within the 200 steps. Try
+another: `ace demo --sft-from runs/demo/sft --out runs/tX --grpo
+rollout.temperature.target_entropy=X`.
 """
 TEMPERATURE_OVERRIDES = [
     "rollout.temperature.policy=entropy_target", f"rollout.temperature.target_entropy={ENTROPY_TARGET}",
     "rollout.temperature.initial_temperature=1.0", "rollout.temperature.min_temperature=0.3",
     "rollout.temperature.max_temperature=1.5",
+    # The rule's entropy is that of every rollout of the step, the zero-variance groups that the
+    # update skips included (a forward-only pass over those; ~1/3 of the demo's rollouts).
+    "grpo.measure_filtered_rollouts=true",
 ]
 GRPO_OVERRIDES = [
     "rollout.prompts_per_step=32", "rollout.group_size=8", "rollout.max_response_tokens=64",
