@@ -14,10 +14,10 @@ lock: setup
 	@bash scripts/lock_env.sh
 
 demo:
-	@echo "[demo] $(SETUP_NOTE); then SFT of a tiny Qwen2 from scratch and GRPO with vLLM rollouts on the CPU: ~15-20 min on 2 cores"
+	@echo "[demo] $(SETUP_NOTE); then SFT of a tiny Qwen2 from scratch and GRPO with vLLM rollouts on the CPU, entropy-targeted and fixed-temperature arms: ~15-20 min on 2 cores"
 	@$(MAKE) --no-print-directory setup
-	$(PY) -m megatron_ace.cli demo
-	@echo "[demo] results: runs/demo/summary.json (held-out accuracy before/after GRPO), runs/demo/curves.png (reward, entropy, length per step)"
+	$(PY) -m megatron_ace.cli demo --compare-fixed
+	@echo "[demo] results: runs/demo/summary.json (held-out accuracy before/after GRPO, entropy and temperature, per arm), runs/demo/curves.png (reward, entropy with its target, temperature, length, accuracy per step)"
 
 test:
 	@echo "[test] $(SETUP_NOTE); then the default test suite (pytest -q, slow tests excluded): ~10-15 min on 2 cores"

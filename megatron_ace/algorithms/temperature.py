@@ -15,7 +15,9 @@ entropy behaves like a * T^b near the operating point, the error shrinks by (1 -
 step. Smoothing is a moving average of the last `window` measurements; it delays the feedback,
 so keep gain * b below about 1 (on the synthetic model with 5% noise, gain 0.3 with window 2
 settled within 3% of the target temperature in 40 steps for every b in 1..4, while gain 0.5
-with window 3 overshot by up to 18% at b = 4).
+with window 3 overshot by up to 18% at b = 4). On the entropy measured from a real tiny Qwen2
+(tests/test_temperature_real_model.py, b about 1-1.5 there) the defaults bring the measured
+entropy within 10% of the target in under 10 steps from either temperature bound.
 
 What it does not do: measure entropy (see `grpo.entropy_metrics`), or touch the sampler.
 `state_dict()` / `load_state_dict()` restore the exact state, so a resumed run continues with
