@@ -28,7 +28,7 @@ demo-compare:
 	@echo "[demo-compare] results: runs/demo-compare/summary.json (both arms under arms), runs/demo-compare/curves.png (one line per arm)"
 
 test:
-	@echo "[test] $(SETUP_NOTE); then the default test suite (pytest -q, slow tests excluded): ~10-15 min on 2 cores"
+	@echo "[test] $(SETUP_NOTE); then the default test suite (pytest -q, slow tests excluded): ~25-30 min on 2 cores"
 	@$(MAKE) --no-print-directory setup
 	@$(PY) -m pytest -q --junitxml=runs/test/junit.xml $(PYTEST_ARGS); rc=$$?; \
 	  echo "[test] results: the pytest summary above; per test in runs/test/junit.xml (exit code $$rc)"; exit $$rc

@@ -35,6 +35,7 @@ def _report(path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow  # TP1 sync parity runs by default in test_grpo_e2e and test_weight_sync_vllm
 @pytest.mark.vllm
 @pytest.mark.numerics
 def test_tp1_sync_matches_and_control_fails(checkpoints, tmp_path):

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from megatron_ace.rewards.math_reward import MathRewardConfig, MathStatus, _score_pair
+from megatron_ace.rewards.math_reward import MathRewardConfig, MathStatus, _score_pair, warm_up
 from megatron_ace.rewards.pool import ItemTimeoutError, RewardPool, WorkerError
 
 HOSTILE = "\\boxed{9^{9^{9^{9}}}}"
@@ -108,7 +108,8 @@ def test_hostile_math_answer_is_killed_within_timeout_and_others_are_scored():
     config = MathRewardConfig(verify_timeout_s=0)  # no inner timeout: only the outer kill can stop it
     fn = functools.partial(_score_pair, config=config)
     timeout_s = 2.0
-    with RewardPool(fn, num_workers=2, timeout_s=timeout_s) as pool:
+    # The initializer loads math-verify before a worker takes items (as MathRewardPool does).
+    with RewardPool(fn, num_workers=2, timeout_s=timeout_s, initializer=warm_up) as pool:
         pool.map([("\\boxed{1}", "1")] * 2)  # both workers started and warm
         pids_before = set(pool.worker_pids())
         items = [(HOSTILE, "5")] + [(f"\\boxed{{{i}}}", str(i if i % 2 else i + 1)) for i in range(6)]
