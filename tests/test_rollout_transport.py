@@ -206,15 +206,7 @@ def test_cpu_transports_round_trip_exactly(kind, tmp_path):
         assert got[name].dtype == t.dtype and got[name].shape == t.shape
         assert torch.equal(got[name], t)
     # Only msgpack-friendly values in the descriptor (tensors get mangled by vLLM's RPC layer).
-    stack = [descriptor]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-        else:
-            assert isinstance(v, (str, int, float, bytes)), type(v)
+    _assert_msgpack_safe(descriptor)
     if kind is T.TransportKind.SHARED_MEMORY:
         assert os.listdir(tmp_path) == []  # closed, yet the received views stay readable
         assert torch.equal(got["c.weight"], bucket[2][1])
@@ -325,6 +317,7 @@ def test_files_of_a_killed_sender_are_removed_by_the_next(tmp_path):
     assert len(os.listdir(tmp_path)) == 2
     live.close()
     assert os.listdir(tmp_path) == [other.name]
+
 
 def _assert_msgpack_safe(descriptor):
     stack = [descriptor]

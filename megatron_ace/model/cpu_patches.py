@@ -272,6 +272,16 @@ def _patch_distributed_optimizer() -> None:
 _optimizer_applied = False
 
 
+def _shim_torch_in(module_names) -> None:
+    """Point each module's `torch` at a CPU shim whose `torch.cuda` has CPU streams."""
+    shim = _CpuTorch()
+    shim.cuda = _cpu_cuda_with_streams()
+    for module_name in module_names:
+        module = importlib.import_module(module_name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = shim
+
+
 def apply_optimizer_cpu_patches() -> bool:
     """The optimizer path's CUDA redirections (DDP wrapper, megatron optimizers). Idempotent.
 
@@ -284,12 +294,7 @@ def apply_optimizer_cpu_patches() -> bool:
     apply_cpu_patches()
     if _optimizer_applied:
         return True
-    shim = _CpuTorch()
-    shim.cuda = _cpu_cuda_with_streams()
-    for module_name in _OPTIMIZER_SHIMMED_MODULES:
-        module = importlib.import_module(module_name)
-        if getattr(module, "torch", None) is torch:
-            module.torch = shim
+    _shim_torch_in(_OPTIMIZER_SHIMMED_MODULES)
     # optimizer.py imports the function by name; replace it where it is called.
     importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = \
         _clip_grad_by_total_norm_cpu
@@ -342,12 +347,7 @@ def apply_checkpoint_cpu_patches() -> bool:
     apply_cpu_patches()
     if _checkpoint_applied:
         return True
-    shim = _CpuTorch()
-    shim.cuda = _cpu_cuda_with_streams()
-    for module_name in _CHECKPOINT_SHIMMED_MODULES:
-        module = importlib.import_module(module_name)
-        if getattr(module, "torch", None) is torch:
-            module.torch = shim
+    _shim_torch_in(_CHECKPOINT_SHIMMED_MODULES)
     for (module_name, fn_name), _why in _CHECKPOINT_CUDA_FUNCTIONS.items():
         module = importlib.import_module(module_name)
         setattr(module, fn_name, _tensor_cuda_is_identity(getattr(module, fn_name)))
