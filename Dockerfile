@@ -5,6 +5,12 @@
 #   docker build -t megatron-ace:dev .
 # On Slurm with pyxis, import it once (enroot import dockerd://megatron-ace:dev) and pass the
 # .sqsh file to `python -m launch.submit ... --container-image`.
+# With plain docker, give the container the host's /dev/shm (as NVIDIA asks for NCCL anyway):
+#   docker run --gpus all --ipc=host megatron-ace:dev ...    (or --shm-size=32g)
+# The shared-memory weight sync (rollout.weight_sync_transport=shared_memory, the default on
+# CPU) passes buckets of rollout.bucket_mb (256 MiB, two in flight) through tmpfs files, and
+# docker's default 64 MiB /dev/shm fails that with ENOSPC. Under pyxis/enroot the container
+# sees the node's /dev/shm.
 #
 # Base image: NGC PyTorch 26.07 ships torch 2.13.0a0 (an NVIDIA build of the 2.13 branch), CUDA 13,
 # Python 3.12, and Transformer Engine, apex and flash-attn compiled against that torch. 2.13 is the

@@ -105,8 +105,8 @@ def run_grpo(sft_dir: Path | None, steps: int, work: Path) -> list[dict]:
     """`steps` GRPO iterations in this process with the demo's settings. After each step the
     engine still serves the weights that step sampled with (the next sync comes at the start of
     the next step), so the same requests are generated once more with plain
-    `engine.generate` (no streaming, no scoring): the baseline the step's wall time is read
-    against. Returns one row per step: the step's metrics, `time/wall`, `time/baseline_generate`."""
+    `engine.generate` (no streaming, no scoring, from an empty prefix cache as after a sync):
+    the baseline the step's wall time is read against. Returns one row per step: the step's metrics, `time/wall`, `time/baseline_generate`."""
     import time
 
     from megatron_ace.train.grpo import GRPORun
@@ -126,6 +126,9 @@ def run_grpo(sft_dir: Path | None, steps: int, work: Path) -> list[dict]:
                                     temperature=metrics["temperature/used"],
                                     max_tokens=cfg.rollout.max_response_tokens,
                                     seed=cfg.rollout.seed, iteration=run.step_index)
+            # The step generated right after a weight sync, which empties the prefix cache; so
+            # does the baseline, or its prompts would skip the prefill.
+            run.engine.reset_prefix_cache()
             start = time.perf_counter()
             run.engine.generate([it.prompt_ids for it in items], sampling)
             rows.append({**metrics, "step": run.step_index, "time/wall": wall,
@@ -178,6 +181,10 @@ def phase_breakdown(rows: list[dict], skip_first: bool = True) -> dict:
         base = 1000 * statistics.median(r["time/baseline_generate"] for r in steps)
         result["baseline_generate_ms"] = base
         result["wall_over_generate_plus_update"] = wall / (base + ms["update"])
+        result["per_step_ms"] = [
+            {**{p: 1000 * r.get(f"time/{p}", 0.0) for p in PHASES},
+             "wall": 1000 * r["time/wall"], "baseline_generate": 1000 * r["time/baseline_generate"]}
+            for r in steps if "time/wall" in r]
     return result
 
 

@@ -164,3 +164,39 @@ def test_sdpa_thd_packed_row_matches_hf_per_sequence(ps):
             # float32 forward of a 2-layer model through other kernels: ~1e-6 apart; attention
             # reaching into another sequence would move these by ~1e-1.
             torch.testing.assert_close(logp[cu[k]:cu[k + 1]], ref, rtol=0, atol=2e-5)
+
+
+def test_sampled_entropy_sums_estimate_the_entropy_and_fall_back_on_missing_logprobs():
+    """`grpo.filtered_entropy=sampled`: tokens drawn from softmax(logits / T) (torch's sampler);
+    the mean -log p of the drawn tokens estimates the exact entropy of those distributions."""
+    from megatron_ace.train.grpo_update import sampled_entropy_sums
+
+    g = torch.Generator().manual_seed(0)
+    temperature, rows, length, vocab = 0.8, 64, 200, 50
+    logits_RLV = torch.randn(rows, length, vocab, generator=g) * 2
+    logp_RLV = torch.log_softmax(logits_RLV / temperature, -1)
+    drawn_RL = torch.multinomial(logp_RLV.exp().view(-1, vocab), 1, generator=g).view(rows, length)
+    logp_RL = logp_RLV.gather(-1, drawn_RL[..., None])[..., 0]
+    exact = -(logp_RLV.exp() * logp_RLV).sum(-1).mean().item()
+    rollouts = gb.Rollouts(prompts=[[1]] * rows, responses=drawn_RL.tolist(),
+                           adv_B=torch.zeros(rows), loss_on_B=torch.ones(rows, dtype=torch.bool),
+                           engine_logp=logp_RL.tolist())
+    sums = sampled_entropy_sums(rollouts, list(range(rows)))
+    assert sums["rollout_tokens"] == rows * length
+    estimate = sums["rollout_entropy_sum"] / sums["rollout_tokens"]
+    spread = (-logp_RL).std().item() / (rows * length) ** 0.5  # standard error of the mean
+    assert abs(estimate - exact) < 4 * spread, (estimate, exact, spread)
+    rollouts.engine_logp[3][5] = float("nan")  # a logprob the engine did not return
+    assert sampled_entropy_sums(rollouts, list(range(rows))) is None
+    assert sampled_entropy_sums(rollouts, [0, 1, 2]) is not None
+
+
+def test_sampled_filtered_entropy_needs_untruncated_sampling():
+    import dataclasses
+
+    from megatron_ace.train.grpo_config import AlgoConfig, FilteredEntropy, RolloutConfig, grpo_tiny
+
+    sampled = AlgoConfig(measure_filtered_rollouts=True, filtered_entropy=FilteredEntropy.SAMPLED)
+    dataclasses.replace(grpo_tiny(), grpo=sampled)  # top_p = 1: fine
+    with pytest.raises(ValueError, match="grpo.filtered_entropy=sampled.*rollout.top_p=0.9"):
+        dataclasses.replace(grpo_tiny(), grpo=sampled, rollout=RolloutConfig(top_p=0.9))

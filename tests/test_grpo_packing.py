@@ -30,7 +30,7 @@ LR, ADAM_EPS = 1e-3, 1e-8  # the worker's optimizer
 NUM_POSITIONS = 400  # about the real positions of the worker's rollouts: the terms of each sum
 BASE_CASES = ("packed", "padded", "packed-nokeep", "padded-nokeep")
 TP1_CASES = BASE_CASES + ("packed-separate", "packed-updates2", "padded-updates2",
-                          "packed-measureall")
+                          "packed-measureall", "packed-measuresampled")
 LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2)}
 NOT_COMPARED = {"update/real_token_share"}  # differs by design
 
@@ -150,3 +150,25 @@ def test_measuring_filtered_rollouts_covers_every_rollout_and_changes_no_update(
     assert every["metrics"]["rollout/entropy"] != default["metrics"]["rollout/entropy"]
     for name in default["params"]:  # a forward-only pass: the update is the same
         assert torch.equal(default["params"][name], every["params"][name]), name
+
+
+@pytest.mark.dist
+@pytest.mark.numerics
+def test_measuring_filtered_rollouts_from_sampled_tokens_adds_their_minus_logp(runs):
+    """`grpo.filtered_entropy=sampled`: no forward over the rollouts not trained on; their
+    entropy is the sum of -log p of their sampled tokens (engine logprobs), pooled with the
+    update forward's exact entropy of the trained ones, token-weighted."""
+    result = runs("tp1")
+    default, sampled = result["packed"], result["packed-measuresampled"]
+    kept_tokens = default["metrics"]["mismatch/num_tokens"]  # every trained response token
+    dropped = [lp for lp, k in zip(sampled["engine_logp"], sampled["keep"]) if not k]
+    assert dropped and kept_tokens > 0
+    dropped_tokens = sum(len(lp) for lp in dropped)
+    dropped_sum = -sum(x for lp in dropped for x in lp)
+    expected = ((default["metrics"]["rollout/entropy"] * kept_tokens + dropped_sum)
+                / (kept_tokens + dropped_tokens))
+    assert sampled["metrics"]["rollout/entropy"] == pytest.approx(expected, rel=1e-6)
+    # The mismatch metrics still cover the trained rollouts only, and the update is the same.
+    assert sampled["metrics"]["mismatch/num_tokens"] == kept_tokens
+    for name in default["params"]:
+        assert torch.equal(default["params"][name], sampled["params"][name]), name

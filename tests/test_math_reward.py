@@ -132,6 +132,31 @@ def test_math_verify_own_timeout_gives_timeout_status():
     assert time.monotonic() - start < 4
 
 
+def test_verdict_cache_repeats_math_verify_and_never_keeps_timeouts():
+    """Verdicts are cached per (reference, extracted answer, config): a repeat gives math-verify's
+    judgement again (checked against math-verify called directly), a different response with
+    the same final answer is served from the cache, and a timeout is retried, never cached."""
+    from megatron_ace.rewards.math_reward import _verdict
+
+    config = MathRewardConfig(verify_timeout_s=60)
+    _verdict.cache_clear()
+    pairs = [(reference, answer) for reference, answer, _ in EQUIVALENCE_TABLE]
+    first = [score_math(f"So \\boxed{{{a}}}.", r, config) for r, a in pairs]
+    misses = _verdict.cache_info().misses
+    again = [score_math(f"Another way: it is \\boxed{{{a}}}", r, config) for r, a in pairs]
+    assert _verdict.cache_info().misses == misses  # every repeat was a cache hit
+    for (r, a), x, y in zip(pairs, first, again):
+        direct = verify(parse(f"${r}$"), parse(f"\\boxed{{{a}}}"))
+        assert x.reward == y.reward == float(direct), (r, a)
+        assert x.status is y.status and x.extracted == y.extracted == a
+    hostile = MathRewardConfig(verify_timeout_s=1)
+    for _ in range(2):
+        before = _verdict.cache_info().currsize
+        result = score_math("\\boxed{9^{9^{9^{9}}}}", "5", hostile)
+        assert result.status is MathStatus.TIMEOUT
+        assert _verdict.cache_info().currsize == before
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

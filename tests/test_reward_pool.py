@@ -39,6 +39,18 @@ def _die_on_negative(x: int) -> int:
     return x
 
 
+def _log_then_die_or_hang(item: tuple[str, int]) -> int:
+    """Appends the item to a log (so the test can count how often each ran); -1 exits, -2 hangs."""
+    log_path, x = item
+    with open(log_path, "a") as log:
+        log.write(f"{x}\n")
+    if x == -1:
+        os._exit(3)
+    if x == -2:
+        time.sleep(60)
+    return x
+
+
 def _pid(_: object) -> int:
     return os.getpid()
 
@@ -159,6 +171,22 @@ def test_dead_worker_is_replaced_and_costs_one_item():
         out = pool.map([1, -1, 2])
         assert out[0] == 1 and out[2] == 2
         assert "exited with code 3" in out[1]
+
+
+def test_items_behind_a_killed_or_crashed_item_are_scored_exactly_once(tmp_path):
+    # A worker holds the item it scores and the next one; when it is killed (hang) or dies, the
+    # item waiting behind goes to the replacement worker, scored once, with a fresh clock.
+    log_path = str(tmp_path / "scored.log")
+    items = [1, -1, 2, 3, -2, 4, 5]
+    errors = []
+    with RewardPool(_log_then_die_or_hang, 1, timeout_s=2.0, on_timeout=lambda item: "timeout",
+                    on_error=lambda item, msg: errors.append(msg) or "error") as pool:
+        out = pool.map([(log_path, x) for x in items])
+        assert pool.num_killed == 1
+    assert out == [1, "error", 2, 3, "timeout", 4, 5]
+    assert "exited with code 3" in errors[0]
+    scored = [int(line) for line in open(log_path).read().split()]
+    assert sorted(scored) == sorted(items)  # none lost, none scored twice
 
 
 def test_fn_runs_in_the_worker_main_thread_so_signal_alarm_works():

@@ -4,7 +4,9 @@ What it does: `extract_answer` finds the final answer in a model response by an 
 ordered policy of answer sources (last `\\boxed{}`/`\\fbox{}`, then "final answer is X", then an
 "Answer: X" line, then the last number); `score_math` checks it against the reference answer with
 math-verify 0.9.0 (`parse` + `verify`) and returns a `MathResult` (reward 1.0 or 0.0, an Enum
-status, the extracted answer). `MathRewardPool` runs `score_math` in worker processes with a
+status, the extracted answer). The verdict depends only on the reference, the extracted answer
+and the config, so it is cached per process (as is each reference's parse): the samples of a
+prompt share a reference and often reach the same answer. Timeouts are never cached. `MathRewardPool` runs `score_math` in worker processes with a
 hard per-item timeout (see `pool.py`), and `cli_main` is `ace reward math`.
 
 What it does not do: it does not judge reasoning, only the final answer; it does not import
@@ -247,29 +249,55 @@ def _reference_text(reference: str) -> str:
     return boxed if boxed is not None else _clean_inline(reference)
 
 
-def score_math(response: str, reference: str, config: MathRewardConfig = MathRewardConfig()) -> MathResult:
-    """Grade `response` against `reference` with math-verify (call from a main thread)."""
-    # Imported here so that importing this module (e.g. for the CLI's --help) stays light.
+class _NotCached(Exception):
+    """Carries a verdict that must not be cached (a timeout: a later try may finish)."""
+
+    def __init__(self, verdict: tuple[float, MathStatus, str]) -> None:
+        super().__init__(verdict[2])
+        self.verdict = verdict
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_reference(reference: str, timeout: int | None) -> list:
+    """math-verify's parse of a reference answer; raises on a timeout or a parse error (neither
+    is cached). References repeat within a step (one per prompt, `group_size` samples each)."""
+    from math_verify import parse
+
+    return parse("\\boxed{" + _reference_text(reference) + "}", parsing_timeout=timeout, raise_on_error=True)
+
+
+# An integer written the one canonical way (no sign on zero, no leading zeros, no separators).
+_CANONICAL_INT_RE = re.compile(r"0|-?[1-9][0-9]*")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _verdict(reference: str, answer: str, config: MathRewardConfig) -> tuple[float, MathStatus, str]:
+    """(reward, status, detail) of an extracted answer against a reference. A pure function of
+    its arguments, so verdicts are cached per worker: samples of one prompt often reach the same
+    final answer. Timeouts raise `_NotCached` and are never cached.
+
+    When the reference and the answer are both canonical integers, equal strings are equal
+    numbers and different strings different ones: the verdict is math-verify's (it compares
+    integers exactly, at any length), without its LaTeX parse (~1.3 ms an answer)."""
     from math_verify import parse, verify
     from math_verify.errors import TimeoutException
 
+    gold_text = _reference_text(reference)
+    if _CANONICAL_INT_RE.fullmatch(gold_text) and _CANONICAL_INT_RE.fullmatch(answer):
+        return (1.0, MathStatus.CORRECT, "") if gold_text == answer else (0.0, MathStatus.WRONG, "")
     timeout = config.verify_timeout_s or None
-    extraction = extract_answer(response, config.policy, after_think=config.after_think)
-    if extraction is None:
-        return MathResult(reward=0.0, status=MathStatus.NO_ANSWER)
-    found = dict(extracted=extraction.answer, source=extraction.source)
     try:
-        gold = parse("\\boxed{" + _reference_text(str(reference)) + "}", parsing_timeout=timeout, raise_on_error=True)
+        gold = _parse_reference(reference, timeout)
     except TimeoutException:
-        return MathResult(reward=0.0, status=MathStatus.TIMEOUT, detail="reference parse timeout", **found)
+        raise _NotCached((0.0, MathStatus.TIMEOUT, "reference parse timeout")) from None
     except Exception as exc:  # noqa: BLE001
-        return MathResult(reward=0.0, status=MathStatus.ERROR, detail=f"reference: {exc}"[:500], **found)
+        return 0.0, MathStatus.ERROR, f"reference: {exc}"[:500]
     if not gold:
-        return MathResult(reward=0.0, status=MathStatus.ERROR, detail="reference not parseable", **found)
+        return 0.0, MathStatus.ERROR, "reference not parseable"
     try:
-        pred = parse("\\boxed{" + extraction.answer + "}", parsing_timeout=timeout, raise_on_error=True)
+        pred = parse("\\boxed{" + answer + "}", parsing_timeout=timeout, raise_on_error=True)
     except TimeoutException:
-        return MathResult(reward=0.0, status=MathStatus.TIMEOUT, detail="math-verify parse timeout", **found)
+        raise _NotCached((0.0, MathStatus.TIMEOUT, "math-verify parse timeout")) from None
     except Exception:  # noqa: BLE001 - math-verify's default: an unparseable answer parses to []
         pred = []
     timed_out = False
@@ -288,9 +316,23 @@ def score_math(response: str, reference: str, config: MathRewardConfig = MathRew
             except Exception:  # noqa: BLE001 - math-verify's default: a failed comparison is False
                 continue
             if ok:
-                return MathResult(reward=1.0, status=MathStatus.CORRECT, **found)
-    status = MathStatus.TIMEOUT if timed_out else MathStatus.WRONG
-    return MathResult(reward=0.0, status=status, detail="math-verify timeout" if timed_out else "", **found)
+                return 1.0, MathStatus.CORRECT, ""
+    if timed_out:
+        raise _NotCached((0.0, MathStatus.TIMEOUT, "math-verify timeout"))
+    return 0.0, MathStatus.WRONG, ""
+
+
+def score_math(response: str, reference: str, config: MathRewardConfig = MathRewardConfig()) -> MathResult:
+    """Grade `response` against `reference` with math-verify (call from a main thread)."""
+    extraction = extract_answer(response, config.policy, after_think=config.after_think)
+    if extraction is None:
+        return MathResult(reward=0.0, status=MathStatus.NO_ANSWER)
+    try:
+        reward, status, detail = _verdict(str(reference), extraction.answer, config)
+    except _NotCached as exc:
+        reward, status, detail = exc.verdict
+    return MathResult(reward=reward, status=status, detail=detail, extracted=extraction.answer,
+                      source=extraction.source)
 
 
 def _score_pair(pair: tuple[str, str], *, config: MathRewardConfig) -> MathResult:
@@ -323,13 +365,14 @@ class MathRewardPool:
     """
 
     def __init__(
-        self, config: MathRewardConfig = MathRewardConfig(), *, num_workers: int = 2, timeout_s: float = 10.0
+        self, config: MathRewardConfig = MathRewardConfig(), *, num_workers: int = 2, timeout_s: float = 10.0,
+        nice: int = 0,
     ) -> None:
         self.config = config
         self._pool: RewardPool[tuple[str, str], MathResult] = RewardPool(
             functools.partial(_score_pair, config=config), num_workers, timeout_s,
             on_timeout=functools.partial(_timeout_result, config=config), on_error=_error_result,
-            initializer=warm_up,
+            initializer=warm_up, nice=nice,
         )
 
     @property

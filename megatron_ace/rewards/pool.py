@@ -8,6 +8,12 @@ queue never times items out). An item that overruns its budget has its worker ki
 (SIGKILL) and replaced; it costs that one item, never the run, and the other items keep being
 scored by the other workers meanwhile.
 
+Each worker holds up to `_ITEMS_PER_WORKER` items: the next one waits in its pipe while it
+scores the current one, so a worker never idles waiting for the dispatcher thread (which shares
+the parent's GIL with a busy trainer or engine). The timeout still counts per item, from the
+moment the worker starts it; items queued behind a killed or crashed worker's item go to the
+front of the queue again, unharmed.
+
 Each worker runs `fn` in its own MAIN thread, so libraries that time themselves out with
 `signal.alarm` (math-verify does) work inside `fn`.
 
@@ -49,6 +55,8 @@ _log = get_logger(__name__)
 
 # Seconds a stopping worker gets to leave on its own before it is killed.
 _JOIN_GRACE_S = 2.0
+# Items a worker holds at once: the one it scores and the next, already sent.
+_ITEMS_PER_WORKER = 2
 
 
 class ItemTimeoutError(TimeoutError):
@@ -77,8 +85,10 @@ class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: multiprocessing.connection.Connection
     state: _State = _State.STARTING
-    task: _Task | None = None
+    tasks: collections.deque[_Task] = field(default_factory=collections.deque)
+    """Items sent to the worker, in order: it scores the first, the others wait in its pipe."""
     deadline: float = float("inf")
+    """When the first of `tasks` runs out of time (its clock starts when the worker starts it)."""
     spawned_at: float = field(default_factory=time.monotonic)
 
 
@@ -86,10 +96,13 @@ def _worker_main(
     fn: Callable[[Any], Any],
     conn: multiprocessing.connection.Connection,
     initializer: Callable[[], None] | None = None,
+    nice: int = 0,
 ) -> None:
     """Worker loop: receive `(task_id, item)`, reply `(task_id, ok, result_or_message)`."""
     # Ctrl-C goes to the whole process group; the parent decides, and kills us if needed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)
     if initializer is not None:
         initializer()  # lazy imports and first-call set-up, before any item's clock starts
     conn.send(("ready", True, os.getpid()))
@@ -124,6 +137,9 @@ class RewardPool(Generic[ItemT, ResultT]):
     `initializer()` runs once in each worker (replacements included) before it takes items, so
     slow first-call set-up (lazy imports, parser tables) never counts against an item's timeout;
     a worker whose initializer raises dies before it is ready, which marks the pool broken.
+    `nice` (0-19) lowers the workers' CPU priority: where they share cores with a rollout engine
+    (a CPU run), they then take the cores when the engine leaves them idle instead of
+    preempting its threads mid-step.
     """
 
     def __init__(
@@ -136,6 +152,7 @@ class RewardPool(Generic[ItemT, ResultT]):
         on_error: Callable[[ItemT, str], ResultT] | None = None,
         start_method: str = "spawn",
         initializer: Callable[[], None] | None = None,
+        nice: int = 0,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn: expected a callable, got {fn!r}")
@@ -147,6 +164,9 @@ class RewardPool(Generic[ItemT, ResultT]):
             raise ValueError(f"start_method: {start_method!r} is not available here")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer: expected a callable or None, got {initializer!r}")
+        if int(nice) != nice or not 0 <= nice <= 19:
+            raise ValueError(f"nice: an integer in [0, 19], got {nice!r}")
+        self._nice = int(nice)
         self._fn = fn
         self._initializer = initializer
         self._timeout_s = float(timeout_s)
@@ -155,6 +175,8 @@ class RewardPool(Generic[ItemT, ResultT]):
         self._ctx = multiprocessing.get_context(start_method)
         self._lock = threading.Lock()
         self._queue: collections.deque[_Task] = collections.deque()
+        # Items taken back from a killed or crashed worker before it started them: next in line.
+        self._requeued: collections.deque[_Task] = collections.deque()
         self._ids = itertools.count()
         self._closing = False
         self._cancel_pending = False
@@ -233,7 +255,8 @@ class RewardPool(Generic[ItemT, ResultT]):
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=_worker_main, args=(self._fn, child_conn, self._initializer), name="reward-worker", daemon=True
+            target=_worker_main, args=(self._fn, child_conn, self._initializer, self._nice), name="reward-worker",
+            daemon=True
         )
         process.start()
         child_conn.close()  # so the parent sees EOF when the worker dies
@@ -279,7 +302,7 @@ class RewardPool(Generic[ItemT, ResultT]):
             if cancel or self._broken is not None:
                 self._fail_queued()
         busy = any(w.state is _State.BUSY for w in self._workers)
-        if closing and not self._queue and not busy:
+        if closing and not self._queue and not self._requeued and not busy:
             return False
         self._assign()
         now = time.monotonic()
@@ -295,20 +318,29 @@ class RewardPool(Generic[ItemT, ResultT]):
         return True
 
     def _assign(self) -> None:
-        for worker in self._workers:
-            if worker.state is not _State.IDLE:
-                continue
-            task = self._next_task()
-            if task is None:
-                return
-            worker.state, worker.task = _State.BUSY, task
-            worker.deadline = time.monotonic() + self._timeout_s
-            try:
-                worker.conn.send((task.task_id, task.item))
-            except (OSError, ValueError) as exc:
-                self._replace(worker, reason=f"could not send the item to the worker: {exc}")
+        # Round-robin, one item per worker per pass, so that a short queue is shared out.
+        for _ in range(_ITEMS_PER_WORKER):
+            for worker in list(self._workers):
+                if worker not in self._workers or worker.state is _State.STARTING:
+                    continue
+                if len(worker.tasks) >= _ITEMS_PER_WORKER:
+                    continue
+                task = self._next_task()
+                if task is None:
+                    return
+                if not worker.tasks:  # it starts this item now
+                    worker.deadline = time.monotonic() + self._timeout_s
+                worker.state = _State.BUSY
+                worker.tasks.append(task)
+                try:
+                    worker.conn.send((task.task_id, task.item))
+                except (OSError, ValueError) as exc:
+                    self._replace(worker, reason=f"could not send the item to the worker: {exc}",
+                                  failed=task)
 
     def _next_task(self) -> _Task | None:
+        if self._requeued:
+            return self._requeued.popleft()  # already marked running
         with self._lock:
             while self._queue:
                 task = self._queue.popleft()
@@ -334,9 +366,12 @@ class RewardPool(Generic[ItemT, ResultT]):
         if tag == "ready":
             worker.state = _State.IDLE
             return
-        task = worker.task
-        assert task is not None and task.task_id == tag, "reply for a task the worker does not hold"
-        worker.state, worker.task, worker.deadline = _State.IDLE, None, float("inf")
+        assert worker.tasks and worker.tasks[0].task_id == tag, "reply for an item the worker does not hold"
+        task = worker.tasks.popleft()
+        if worker.tasks:  # the worker starts the next item now
+            worker.deadline = time.monotonic() + self._timeout_s
+        else:
+            worker.state, worker.deadline = _State.IDLE, float("inf")
         if ok:
             task.future.set_result(payload)
         else:
@@ -346,7 +381,7 @@ class RewardPool(Generic[ItemT, ResultT]):
         now = time.monotonic()
         for worker in list(self._workers):
             if worker.state is _State.BUSY and now >= worker.deadline:
-                task = worker.task
+                task = worker.tasks[0]
                 self._num_killed += 1
                 _log.warning(
                     "reward pool: item %d ran past %g s; killing worker pid %s",
@@ -354,11 +389,15 @@ class RewardPool(Generic[ItemT, ResultT]):
                 )
                 self._replace(worker, reason=None)
 
-    def _replace(self, worker: _Worker, *, reason: str | None) -> None:
-        """Kill `worker`, resolve its item (timeout if `reason` is None) and start a new one."""
-        task = worker.task
+    def _replace(self, worker: _Worker, *, reason: str | None, failed: _Task | None = None) -> None:
+        """Kill `worker`, resolve the item it was scoring (or `failed`) as a timeout (`reason`
+        None) or an error, start a new worker, and put the worker's other items back in front
+        of the queue."""
+        tasks = list(worker.tasks)
+        task = failed if failed is not None else (tasks[0] if tasks else None)
         self._stop_worker(worker, kill=True)
         self._workers[self._workers.index(worker)] = self._spawn()
+        self._requeued.extendleft(reversed([t for t in tasks if t is not task]))
         if task is not None:
             if reason is None:
                 self._resolve_timeout(task)
@@ -367,6 +406,10 @@ class RewardPool(Generic[ItemT, ResultT]):
 
     def _fail_queued(self) -> None:
         """Cancel queued items (close with cancel_pending) or fail them (pool broken)."""
+        while self._requeued:  # already running: they can only fail
+            task = self._requeued.popleft()
+            message = self._broken or "the reward pool was closed with cancel_pending"
+            task.future.set_exception(RuntimeError(f"reward pool: item not scored: {message}"))
         while self._queue:
             task = self._queue.popleft()
             if self._broken is not None and task.future.set_running_or_notify_cancel():
@@ -376,8 +419,9 @@ class RewardPool(Generic[ItemT, ResultT]):
 
     def _shutdown_workers(self) -> None:
         for worker in self._workers:
-            if worker.task is not None and not worker.task.future.done():
-                worker.task.future.set_exception(RuntimeError("reward pool shut down mid-item"))
+            for task in worker.tasks:
+                if not task.future.done():
+                    task.future.set_exception(RuntimeError("reward pool shut down mid-item"))
             try:
                 worker.conn.send(None)
             except (OSError, ValueError):

@@ -60,8 +60,9 @@ TEMPERATURE_OVERRIDES = [
     "rollout.temperature.initial_temperature=1.0", "rollout.temperature.min_temperature=0.3",
     "rollout.temperature.max_temperature=1.5",
     # The rule's entropy is that of every rollout of the step, the zero-variance groups that the
-    # update skips included (a forward-only pass over those; ~1/3 of the demo's rollouts).
-    "grpo.measure_filtered_rollouts=true",
+    # update skips included (~1/3 of the demo's rollouts). Those are measured from the engine's
+    # logprobs of their sampled tokens (an unbiased estimate, no forward pass over them).
+    "grpo.measure_filtered_rollouts=true", "grpo.filtered_entropy=sampled",
 ]
 GRPO_OVERRIDES = [
     "rollout.prompts_per_step=32", "rollout.group_size=8", "rollout.max_response_tokens=64",

@@ -42,7 +42,7 @@ from megatron_ace.model.parallel import destroy_parallel, init_parallel
 from megatron_ace.model.weights import iter_hf_tensors
 from megatron_ace.train import grpo_batch
 from megatron_ace.train import prompts as prompt_data
-from megatron_ace.train.grpo_config import RECIPES, GRPOConfig, recipe
+from megatron_ace.train.grpo_config import RECIPES, FilteredEntropy, GRPOConfig, recipe
 from megatron_ace.train.metrics import RL_HEADLINE, MetricsLogger
 from megatron_ace.train.sft import build_trainer, export_hf, resolve_dtype
 from megatron_ace.train.state import (
@@ -319,7 +319,9 @@ class GRPORun:
                               fuse_old_logprobs=cfg.grpo.fuse_old_logprobs, layout=layout,
                               temperature=temperature, vocab_size=self.model_cfg.vocab_size,
                               check_parity=cfg.rollout.check_parity,
-                              measure_filtered=cfg.grpo.measure_filtered_rollouts)
+                              measure_filtered=cfg.grpo.measure_filtered_rollouts,
+                              filtered_by_sampled_tokens=(cfg.grpo.filtered_entropy
+                                                          is FilteredEntropy.SAMPLED))
 
     def _rollout_metrics(self, samples, rewards_B, keep_B) -> dict[str, float]:
         lengths = torch.tensor([len(s.response_token_ids) for s in samples], dtype=torch.float32)

@@ -210,6 +210,43 @@ _FIELDS = ("tokens", "labels", "position_ids", "response_mask", "loss_mask", "ad
            "engine_logp", "parity_mask")
 
 
+def _flat_sequences(rollouts: Rollouts, rows: Sequence[int], in_loss: bool
+                    ) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """`_sequence_tensors` of `rows` back to back, built from flat lists with one tensor per
+    field (a packed step holds hundreds of sequences), and the sequences' lengths."""
+    tokens: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    response: list[float] = []
+    engine: list[float] = []
+    seqlens = []
+    for i in rows:
+        ids = list(rollouts.prompts[i]) + list(rollouts.responses[i])
+        n, first = len(ids) - 1, len(rollouts.prompts[i]) - 1
+        tokens += ids[:-1]
+        labels += ids[1:]
+        positions += range(n)
+        response += [0.0] * first + [1.0] * (n - first)
+        engine += [0.0] * first
+        engine += rollouts.engine_logp[i]
+        seqlens.append(n)
+    lengths = torch.tensor(seqlens, dtype=torch.long)
+    rows_t = torch.as_tensor(list(rows), dtype=torch.long)
+    response_mask = torch.tensor(response, dtype=torch.float32)
+    engine_t = torch.tensor(engine, dtype=torch.float32)
+    in_loss_R = rollouts.loss_on_B[rows_t].float() * float(in_loss)
+    return {
+        "tokens": torch.tensor(tokens, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "position_ids": torch.tensor(positions, dtype=torch.long),
+        "response_mask": response_mask,
+        "loss_mask": response_mask * torch.repeat_interleave(in_loss_R, lengths),
+        "adv": response_mask * torch.repeat_interleave(rollouts.adv_B[rows_t].float(), lengths),
+        "engine_logp": torch.nan_to_num(engine_t, nan=0.0),
+        "parity_mask": response_mask * torch.isfinite(engine_t).float(),
+    }, seqlens
+
+
 def _padding(n: int, pad_id: int) -> dict[str, torch.Tensor]:
     zeros = torch.zeros(n)
     return {"tokens": torch.full((n,), pad_id, dtype=torch.long),
@@ -223,8 +260,8 @@ def build_packed(rollouts: Rollouts, rows: Sequence[int], *, length: int, pad_id
     segment). Keys: tokens, labels, position_ids [1, T] long; loss_mask, response_mask, adv,
     engine_logp, parity_mask [1, T] float; cu_seqlens [K + 1] int32; max_seqlen; attention_mask
     (None for THD, bool [1, 1, T, T] for DENSE_MASK); rows (the sequence indices)."""
-    parts = [_sequence_tensors(rollouts, i, in_loss) for i in rows]
-    seqlens = [int(p["tokens"].numel()) for p in parts]
+    flat, seqlens = _flat_sequences(rollouts, rows, in_loss)
+    parts = [flat]
     used = sum(seqlens)
     if used > length:
         raise ValueError(f"sequences {list(rows)} need {used} positions > row length {length}")

@@ -104,6 +104,20 @@ class RolloutConfig:
                              "'auto' or 'cuda_ipc')")
 
 
+class FilteredEntropy(enum.Enum):
+    """How `grpo.measure_filtered_rollouts` measures the rollouts that are not trained on."""
+
+    FORWARD = "forward"
+    """A forward-only pass of the trainer over them: their exact temperature-adjusted entropy,
+    and the trainer-vs-engine mismatch metrics cover them too."""
+    SAMPLED = "sampled"
+    """No forward: the mean of -log p of their sampled tokens, from the engine's logprobs. The
+    tokens were drawn from the very distribution the entropy is of (softmax(logits / T), with
+    rollout.top_p = 1 and the engine's processed logprobs), so E[-log p(token)] is exactly
+    that entropy: an unbiased estimate, noisier per token than the forward's and free. The
+    mismatch metrics then cover the trained rollouts only."""
+
+
 @dataclasses.dataclass(kw_only=True)
 class AlgoConfig:
     loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
@@ -123,6 +137,10 @@ class AlgoConfig:
     """Entropy (for the temperature policy) and mismatch metrics also over the rollouts that are
     not trained on (zero-variance groups), at the cost of a forward-only pass over them; by
     default they cover the trained rollouts (every rollout when none is trained on)."""
+    filtered_entropy: FilteredEntropy = FilteredEntropy.FORWARD
+    """How the rollouts that are not trained on are measured (see FilteredEntropy): forward
+    (exact, costs a forward over them) or sampled (an unbiased estimate from the engine's
+    logprobs of the sampled tokens, no forward; needs rollout.top_p = 1)."""
     batching: BatchMode = BatchMode.PACKED
     """PACKED: rollouts back to back in micro-batches of at most max_tokens_per_micro_batch
     positions, balanced over DP ranks. PADDED: micro_batch_size rollouts per micro-batch, each
@@ -187,6 +205,11 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.grpo.filtered_entropy is FilteredEntropy.SAMPLED and self.rollout.top_p < 1:
+            raise ValueError(
+                f"grpo.filtered_entropy=sampled estimates the entropy of softmax(logits / T) from "
+                f"the sampled tokens, which rollout.top_p={self.rollout.top_p} truncates: use "
+                f"rollout.top_p=1 or grpo.filtered_entropy=forward")
 
 
 def base_grpo_config() -> GRPOConfig:

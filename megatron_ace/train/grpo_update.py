@@ -16,6 +16,8 @@ Every rollout of the step goes through the trainer's forward exactly once per pu
   ones included). `measure_filtered=True` adds a forward-only pass over the others so the
   measurements cover every rollout of the step, at the cost of that forward; the pass also runs
   whenever nothing is trained on, so the temperature controller always gets a measurement.
+  With `filtered_by_sampled_tokens` those rollouts are measured without a forward: the mean
+  -log p of their sampled tokens (engine logprobs) estimates the same entropy without bias.
 
 Losses are token-level: `train_step` divides every micro-batch's loss sum once by the step's
 loss tokens over all micro-batches and DP ranks. Measurements are sums reduced the same way
@@ -126,7 +128,10 @@ class UpdateSettings:
     check_parity: bool = True
     """Measure the trainer-vs-engine mismatch."""
     measure_filtered: bool = False
-    """Also measure (forward only) the rollouts that are not trained on."""
+    """Also measure the rollouts that are not trained on."""
+    filtered_by_sampled_tokens: bool = False
+    """Measure those from the engine's logprobs of their sampled tokens (no forward) instead of
+    a forward-only pass; see `sampled_entropy_sums`."""
 
 
 def _no_timer(name: str) -> AbstractContextManager:
@@ -150,6 +155,24 @@ def _measure(trainer, micro_batches: list[dict], settings: UpdateSettings, ps
         if mb["mb_id"] in loss.logp_by_mb:
             mb["old_logp"] = loss.logp_by_mb[mb["mb_id"]].to(mb["tokens"].device)
     return sums
+
+
+def sampled_entropy_sums(rollouts: grpo_batch.Rollouts, rows: list[int]
+                         ) -> dict[str, float] | None:
+    """Entropy sums of `rows` from the engine's logprobs of the sampled tokens, no forward.
+
+    A token drawn from p has E[-log p(token)] = H(p), so the sum of -log p over the sampled
+    response tokens estimates, without bias, the entropy sum the forward pass would measure
+    (same keys as its `rollout_*` sums). None when a token's logprob is missing (NaN or
+    infinite): the caller then runs the forward pass."""
+    total, tokens = 0.0, 0
+    for i in rows:
+        logp = torch.tensor(rollouts.engine_logp[i], dtype=torch.float64)
+        if not bool(torch.isfinite(logp).all()):
+            return None
+        total -= float(logp.sum())
+        tokens += logp.numel()
+    return {"rollout_entropy_sum": total, "rollout_tokens": float(tokens)}
 
 
 def _add_measurements(total: dict[str, torch.Tensor], sums: Mapping[str, float]) -> None:
@@ -177,10 +200,16 @@ def train_on_rollouts(trainer: Any, rollouts: grpo_batch.Rollouts, keep_B: torch
     measured: dict[str, torch.Tensor] = {}
     with timer("logprob"):
         if dropped and (settings.measure_filtered or not kept):
-            only_measured = grpo_batch.build_micro_batches(
-                rollouts, _plan(rollouts, dropped, settings, ps), ps.dp_rank, settings.layout,
-                in_loss=False)
-            _add_measurements(measured, _measure(trainer, only_measured, settings, ps))
+            # Every rank holds the same rollouts, so every rank gets the same estimate (or none).
+            sampled = (sampled_entropy_sums(rollouts, dropped)
+                       if settings.filtered_by_sampled_tokens else None)
+            if sampled is not None:
+                _add_measurements(measured, sampled)
+            else:
+                only_measured = grpo_batch.build_micro_batches(
+                    rollouts, _plan(rollouts, dropped, settings, ps), ps.dp_rank,
+                    settings.layout, in_loss=False)
+                _add_measurements(measured, _measure(trainer, only_measured, settings, ps))
         if not fused:
             for mbs in batches:
                 _add_measurements(measured, _measure(trainer, mbs, settings, ps))

@@ -115,10 +115,14 @@ class MathRewards:
     FAILED = ("timeout", "error")
     """Statuses that mean the grading failed (a hung or crashed worker), not a wrong answer."""
 
-    def __init__(self, num_workers: int = 2, timeout_s: float = 10.0) -> None:
+    def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, nice: int = 10) -> None:
         from megatron_ace.rewards.math_reward import MathRewardPool
 
-        self.pool = MathRewardPool(num_workers=num_workers, timeout_s=timeout_s)
+        # The workers score while the engine generates. Where they share cores with it (a CPU
+        # run), at nice 10 they use the cycles the engine leaves idle instead of preempting its
+        # threads mid-step (measured on 2 cores: +105-157 ms of generation per 256 rollouts at
+        # nice 0, none at 10, for 30 ms more wait after the last rollout).
+        self.pool = MathRewardPool(num_workers=num_workers, timeout_s=timeout_s, nice=nice)
 
     def submit(self, item: PromptItem, sample: Any) -> concurrent.futures.Future:
         return self.pool.submit(sample.response_text, item.answer)

@@ -7,10 +7,11 @@ and the same synthetic rollouts (long-tailed lengths, one sequence longer than t
 budget, groups with and without reward variance, truncated responses under the overlong
 filter), runs `train_on_rollouts` once, and records on global rank 0: the step's metrics, the
 full (HF-named, gathered over TP/PP) gradient and parameters after the update, and each DP
-rank's real positions. Cases: `<mode>[-separate][-updates2][-nokeep][-measureall]` with mode `packed` or
-`padded`; `-separate` turns off the fused old-logprob forward, `-updates2` runs two
-mini-batches, `-nokeep` drops every group (nothing to train on), `-measureall` also measures
-the rollouts that are not trained on.
+rank's real positions. Cases: `<mode>[-separate][-updates2][-nokeep][-measureall|-measuresampled]`
+with mode `packed` or `padded`; `-separate` turns off the fused old-logprob forward, `-updates2`
+runs two mini-batches, `-nokeep` drops every group (nothing to train on), `-measureall` also
+measures the rollouts that are not trained on (a forward pass), `-measuresampled` measures them
+from their engine logprobs (no forward).
 """
 
 import sys
@@ -83,7 +84,8 @@ def run_case(case: str, cfg, sd, ps) -> dict:
                               num_updates=2 if "updates2" in parts else 1,
                               fuse_old_logprobs="separate" not in parts, layout=layout,
                               temperature=0.9, vocab_size=cfg.vocab_size,
-                              measure_filtered="measureall" in parts)
+                              measure_filtered="measureall" in parts or "measuresampled" in parts,
+                              filtered_by_sampled_tokens="measuresampled" in parts)
     metrics = train_on_rollouts(trainer, batch, keep, settings)
     # Gradients by HF name: the same gather as the weights, run on a model holding the grads.
     holder = build_model(cfg, ps)
@@ -95,7 +97,8 @@ def run_case(case: str, cfg, sd, ps) -> dict:
     plan = grpo_batch.plan_micro_batches(batch, keep.nonzero().flatten().tolist(),
                                          dp_size=ps.dp_size, layout=layout)
     rank_positions = [sum(batch.num_positions(i) for mb in rank for i in mb) for rank in plan]
-    return {"metrics": metrics, "grads": grads, "params": params,
+    return {"metrics": metrics, "grads": grads, "params": params, "keep": keep,
+            "engine_logp": batch.engine_logp,
             "rank_positions": rank_positions, "num_micro_batches": [len(r) for r in plan]}
 
 
