@@ -31,7 +31,7 @@ BENCHES=(
   "rollout|"
   "weight_sync|"
   "grpo_update|"
-  "grpo_iteration|--steps 6"
+  "grpo_iteration|--steps 11"
 )
 
 failures=0

@@ -189,6 +189,41 @@ def test_items_behind_a_killed_or_crashed_item_are_scored_exactly_once(tmp_path)
     assert sorted(scored) == sorted(items)  # none lost, none scored twice
 
 
+def test_submit_many_is_one_round_trip_to_one_worker_with_results_in_order():
+    with RewardPool(_pid, 2, timeout_s=30) as pool:
+        pool.map([0, 0])  # both workers ready
+        futures = pool.submit_many(range(8))
+        pids = [f.result() for f in futures]
+        assert len(set(pids)) == 1 and pids[0] in pool.worker_pids()
+    with RewardPool(_square, 2, timeout_s=30) as pool:
+        groups = [pool.submit_many(range(k, k + 5)) for k in range(0, 40, 5)]
+        assert [f.result() for g in groups for f in g] == [x * x for x in range(40)]
+        assert pool.submit_many([]) == []
+
+
+def test_submit_many_isolates_a_raising_a_hanging_and_a_crashing_item(tmp_path):
+    with RewardPool(_fail_on_negative, 1, timeout_s=30) as pool:
+        pid = pool.worker_pids()[0] if pool.worker_pids() else None
+        futures = pool.submit_many([1, -2, 3])
+        assert futures[0].result() == 1 and futures[2].result() == 3
+        with pytest.raises(WorkerError, match="negative item -2"):
+            futures[1].result()
+        assert pool.num_killed == 0 and (pid is None or pool.worker_pids() == [pid])
+    # A hung or crashing item takes the batch's worker down; every item is then retried on its
+    # own, with its own timeout: only the bad one fails.
+    log_path = str(tmp_path / "scored.log")
+    with RewardPool(_log_then_die_or_hang, 1, timeout_s=2.0, on_timeout=lambda item: "timeout",
+                    on_error=lambda item, msg: "error") as pool:
+        pool.map([(log_path, 0)])  # worker ready
+        hung = pool.submit_many([(log_path, x) for x in (1, -2, 2)])
+        crashed = pool.submit_many([(log_path, x) for x in (3, -1, 4)])
+        assert [f.result() for f in hung] == [1, "timeout", 2]
+        assert [f.result() for f in crashed] == [3, "error", 4]
+        assert pool.num_killed == 2  # the batch, then the hung item alone
+    scored = [int(line) for line in open(log_path).read().split()]
+    assert scored.count(-2) == 2 and scored.count(-1) == 2  # once in its batch, once alone
+
+
 def test_fn_runs_in_the_worker_main_thread_so_signal_alarm_works():
     with RewardPool(_alarm_then_sleep, 1, timeout_s=30) as pool:
         assert pool.map([1]) == ["alarm fired"]

@@ -382,6 +382,10 @@ class MathRewardPool:
     def submit(self, response: str, reference: str) -> concurrent.futures.Future:
         return self._pool.submit((response, str(reference)))
 
+    def submit_many(self, responses: list[str], reference: str) -> list[concurrent.futures.Future]:
+        """Responses to one problem, scored in one worker round trip (see RewardPool.submit_many)."""
+        return self._pool.submit_many([(r, str(reference)) for r in responses])
+
     def score(self, responses: list[str], references: list[str]) -> list[MathResult]:
         if len(responses) != len(references):
             raise ValueError(f"references: {len(references)} given for {len(responses)} responses")

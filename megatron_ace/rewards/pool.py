@@ -76,8 +76,13 @@ class _State(enum.Enum):
 @dataclass
 class _Task:
     task_id: int
-    item: Any
-    future: concurrent.futures.Future
+    items: list[Any]
+    futures: list[concurrent.futures.Future]
+    batch: bool = False
+    """Sent and answered as one message (`submit_many`); else one item."""
+
+    def message(self) -> tuple[int, bool, Any]:
+        return self.task_id, self.batch, self.items if self.batch else self.items[0]
 
 
 @dataclass
@@ -98,7 +103,8 @@ def _worker_main(
     initializer: Callable[[], None] | None = None,
     nice: int = 0,
 ) -> None:
-    """Worker loop: receive `(task_id, item)`, reply `(task_id, ok, result_or_message)`."""
+    """Worker loop: receive `(task_id, batch, item or items)`, reply `(task_id, ok,
+    result_or_message)`; a batch's reply is `(task_id, True, [(ok, result_or_message), ...])`."""
     # Ctrl-C goes to the whole process group; the parent decides, and kills us if needed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if nice:
@@ -113,24 +119,32 @@ def _worker_main(
             return  # the parent went away
         if message is None:
             return
-        task_id, item = message
-        try:
-            reply = (task_id, True, fn(item))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # noqa: BLE001 - math-verify's TimeoutException is a BaseException
-            reply = (task_id, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        task_id, batch, payload = message
+        if batch:
+            reply = (task_id, True, [_call(fn, item) for item in payload])
+        else:
+            reply = (task_id, *_call(fn, payload))
         try:
             conn.send(reply)
         except Exception as exc:  # noqa: BLE001 - an unpicklable result must not kill the worker
             conn.send((task_id, False, f"result could not be sent back: {type(exc).__name__}: {exc}"))
 
 
+def _call(fn: Callable[[Any], Any], item: Any) -> tuple[bool, Any]:
+    try:
+        return True, fn(item)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - math-verify's TimeoutException is a BaseException
+        return False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+
+
 class RewardPool(Generic[ItemT, ResultT]):
     """Score items with `fn` in `num_workers` processes, `timeout_s` seconds at most per item.
 
     `submit(item)` returns a `concurrent.futures.Future` (so scoring overlaps with generation);
-    `map(items)` returns results in input order. A timed-out item resolves to
+    `map(items)` returns results in input order; `submit_many(items)` sends items to one worker
+    as one message (one round trip for a prompt's samples). A timed-out item resolves to
     `on_timeout(item)` when given, else its future raises `ItemTimeoutError`; an item whose `fn`
     raised or whose worker died resolves to `on_error(item, message)` when given, else raises
     `WorkerError`. Use as a context manager, or call `close()`: no worker outlives the pool.
@@ -219,9 +233,27 @@ class RewardPool(Generic[ItemT, ResultT]):
                 raise RuntimeError("submit: the reward pool is closed")
             if self._broken is not None:
                 raise RuntimeError(f"submit: the reward pool is broken: {self._broken}")
-            self._queue.append(_Task(next(self._ids), item, future))
+            self._queue.append(_Task(next(self._ids), [item], [future]))
             self._wake()
         return future
+
+    def submit_many(self, items: Iterable[ItemT]) -> list[concurrent.futures.Future]:
+        """Queue items that go to one worker as one message and come back as one (a prompt's
+        samples: one round trip instead of one per sample). They share one `timeout_s`; if the
+        worker overruns it or dies, each item is retried on its own with its own timeout, so a
+        hostile item still costs only itself. Futures as `submit` gives them, in order."""
+        items = list(items)
+        futures = [concurrent.futures.Future() for _ in items]
+        if not items:
+            return futures
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("submit_many: the reward pool is closed")
+            if self._broken is not None:
+                raise RuntimeError(f"submit_many: the reward pool is broken: {self._broken}")
+            self._queue.append(_Task(next(self._ids), items, futures, batch=len(items) > 1))
+            self._wake()
+        return futures
 
     def map(self, items: Iterable[ItemT]) -> list[ResultT]:
         """Score all items (in parallel) and return their results in input order."""
@@ -272,18 +304,32 @@ class RewardPool(Generic[ItemT, ResultT]):
         worker.conn.close()
 
     def _resolve_timeout(self, task: _Task) -> None:
+        if task.batch:
+            return self._split(task)
         if self._on_timeout is not None:
-            task.future.set_result(self._on_timeout(task.item))
+            task.futures[0].set_result(self._on_timeout(task.items[0]))
         else:
-            task.future.set_exception(
+            task.futures[0].set_exception(
                 ItemTimeoutError(f"item {task.task_id} ran past the {self._timeout_s:g} s timeout")
             )
 
     def _resolve_error(self, task: _Task, message: str) -> None:
+        if task.batch:
+            return self._split(task)
+        self._resolve_item_error(task.items[0], task.futures[0], message)
+
+    def _resolve_item_error(self, item: Any, future: concurrent.futures.Future, message: str) -> None:
         if self._on_error is not None:
-            task.future.set_result(self._on_error(task.item, message))
+            future.set_result(self._on_error(item, message))
         else:
-            task.future.set_exception(WorkerError(message))
+            future.set_exception(WorkerError(message))
+
+    def _split(self, task: _Task) -> None:
+        """A batch whose worker overran the timeout or died: each item again, on its own."""
+        _log.info("reward pool: batch %d (%d items) retried item by item", task.task_id, len(task.items))
+        self._requeued.extendleft(reversed([
+            _Task(next(self._ids), [item], [future]) for item, future in zip(task.items, task.futures)
+        ]))
 
     def _dispatch_loop(self) -> None:
         try:
@@ -333,7 +379,7 @@ class RewardPool(Generic[ItemT, ResultT]):
                 worker.state = _State.BUSY
                 worker.tasks.append(task)
                 try:
-                    worker.conn.send((task.task_id, task.item))
+                    worker.conn.send(task.message())
                 except (OSError, ValueError) as exc:
                     self._replace(worker, reason=f"could not send the item to the worker: {exc}",
                                   failed=task)
@@ -344,7 +390,12 @@ class RewardPool(Generic[ItemT, ResultT]):
         with self._lock:
             while self._queue:
                 task = self._queue.popleft()
-                if task.future.set_running_or_notify_cancel():
+                running = [f.set_running_or_notify_cancel() for f in task.futures]
+                if all(running):
+                    return task
+                if any(running):  # some of a batch's items were cancelled: the rest go
+                    task.items = [x for x, r in zip(task.items, running) if r]
+                    task.futures = [f for f, r in zip(task.futures, running) if r]
                     return task
         return None
 
@@ -372,8 +423,14 @@ class RewardPool(Generic[ItemT, ResultT]):
             worker.deadline = time.monotonic() + self._timeout_s
         else:
             worker.state, worker.deadline = _State.IDLE, float("inf")
-        if ok:
-            task.future.set_result(payload)
+        if task.batch:
+            for item, future, (item_ok, value) in zip(task.items, task.futures, payload, strict=True):
+                if item_ok:
+                    future.set_result(value)
+                else:
+                    self._resolve_item_error(item, future, value)
+        elif ok:
+            task.futures[0].set_result(payload)
         else:
             self._resolve_error(task, payload)
 
@@ -409,19 +466,22 @@ class RewardPool(Generic[ItemT, ResultT]):
         while self._requeued:  # already running: they can only fail
             task = self._requeued.popleft()
             message = self._broken or "the reward pool was closed with cancel_pending"
-            task.future.set_exception(RuntimeError(f"reward pool: item not scored: {message}"))
+            for future in task.futures:
+                future.set_exception(RuntimeError(f"reward pool: item not scored: {message}"))
         while self._queue:
             task = self._queue.popleft()
-            if self._broken is not None and task.future.set_running_or_notify_cancel():
-                task.future.set_exception(RuntimeError(f"reward pool is broken: {self._broken}"))
-            else:
-                task.future.cancel()
+            for future in task.futures:
+                if self._broken is not None and future.set_running_or_notify_cancel():
+                    future.set_exception(RuntimeError(f"reward pool is broken: {self._broken}"))
+                else:
+                    future.cancel()
 
     def _shutdown_workers(self) -> None:
         for worker in self._workers:
             for task in worker.tasks:
-                if not task.future.done():
-                    task.future.set_exception(RuntimeError("reward pool shut down mid-item"))
+                for future in task.futures:
+                    if not future.done():
+                        future.set_exception(RuntimeError("reward pool shut down mid-item"))
             try:
                 worker.conn.send(None)
             except (OSError, ValueError):

@@ -127,6 +127,10 @@ class MathRewards:
     def submit(self, item: PromptItem, sample: Any) -> concurrent.futures.Future:
         return self.pool.submit(sample.response_text, item.answer)
 
+    def submit_group(self, item: PromptItem, samples: list[Any]) -> list[concurrent.futures.Future]:
+        """A prompt's samples in one worker round trip."""
+        return self.pool.submit_many([s.response_text for s in samples], item.answer)
+
     def outcome(self, result: Any) -> RewardOutcome:
         return RewardOutcome(result.reward, result.status.value in self.FAILED)
 

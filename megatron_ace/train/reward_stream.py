@@ -44,6 +44,9 @@ class StreamingRewards(Protocol):
     def outcome(self, result: Any) -> RewardOutcome:
         """The reward of a finished result, and whether scoring failed."""
 
+    # Optional: `submit_group(item, samples) -> list[Future]`, all of a prompt's samples at
+    # once (math: one worker round trip per group); used instead of `submit` when present.
+
 
 class RewardStream:
     """Submit groups as they finish; collect the rewards in group order at the end."""
@@ -58,6 +61,16 @@ class RewardStream:
         if self._futures[prompt_index] is not None:
             raise ValueError(f"prompt {prompt_index}: its group was submitted twice")
         futures: list[concurrent.futures.Future | None] = []
+        submit_group = getattr(self.rewards, "submit_group", None)
+        if submit_group is not None and samples:
+            try:
+                futures = list(submit_group(self.items[prompt_index], list(samples)))
+            except Exception as exc:  # noqa: BLE001 - e.g. a closed or broken pool
+                for j in range(len(samples)):
+                    self._submit_errors[(prompt_index, j)] = f"{type(exc).__name__}: {exc}"
+                futures = [None] * len(samples)
+            self._futures[prompt_index] = futures
+            return
         for j, sample in enumerate(samples):
             try:
                 futures.append(self.rewards.submit(self.items[prompt_index], sample))
