@@ -31,6 +31,7 @@ BENCHES=(
   "rollout|"
   "weight_sync|"
   "grpo_update|"
+  "thd_attention|"
   "grpo_iteration|--steps 11"
 )
 

@@ -149,6 +149,21 @@ def test_grpo_update_bench_small(tmp_path):
     assert report["speedup"] == pytest.approx(packed["tokens_per_s"] / padded["tokens_per_s"])
 
 
+def test_thd_attention_bench_small(tmp_path):
+    out = tmp_path / "a.json"
+    _run("bench_thd_attention.py", "--budget", "600", "--median", "40", "--cap", "200",
+         "--repeats", "1", "--threads", "1", "--out", out)
+    report = json.loads(out.read_text())
+    cases = report["cases"]
+    assert set(cases) == {"packed_per_sequence", "packed_length_buckets", "padded_masked"}
+    assert report["num_sequences"] >= 2 and sum(report["lengths"]) <= 600
+    # The three compute the same attention for every real position (checked against the
+    # per-sequence path, the one the SDPA core attention runs for THD rows).
+    assert all(c["max_abs_diff"] < 1e-4 for c in cases.values()), cases
+    assert cases["packed_per_sequence"]["ratio_to_per_sequence"] == 1.0
+    assert cases["padded_masked"]["positions"] >= cases["packed_per_sequence"]["positions"]
+
+
 @pytest.fixture
 def single_rank():
     from megatron_ace.model.parallel import ParallelConfig, destroy_parallel, init_parallel

@@ -143,20 +143,28 @@ def test_sdpa_thd_packed_row_matches_hf_per_sequence(ps):
     for p in hf.parameters():
         torch.nn.init.normal_(p, std=0.05 if p.dim() > 1 else 0.3)
     sd = hf.state_dict()
-    r = _rollouts([(5, 40), (3, 2), (9, 70), (4, 17)], vocab=cfg.vocab_size)
+    # Three sequences of 43-44 positions share one SDPA call (a length bucket); the others run
+    # alone (the row's padding segment too).
+    shapes = [(5, 40), (3, 2), (9, 70), (4, 17), (6, 38), (2, 43)]
+    r = _rollouts(shapes, vocab=cfg.vocab_size)
     r.engine_logp = [[0.0] * len(x) for x in r.responses]
     for core in (CoreAttention.SDPA, CoreAttention.UNFUSED):
         model = build_model(cfg, ps, core_attention=core).eval()
         load_hf_into_model(model, lambda n: sd[n], cfg, ps)
         attention = AttentionFormat.THD if core is CoreAttention.SDPA else \
             AttentionFormat.DENSE_MASK
-        batch = gb.build_packed(r, range(4), length=152, pad_id=0, attention=attention)
+        batch = gb.build_packed(r, range(len(shapes)), length=240, pad_id=0, attention=attention)
         with torch.no_grad():
             logits = model(*model_inputs(batch, torch.device("cpu"))[:3],
                            packed_seq_params=model_inputs(batch, torch.device("cpu"))[3])
             logp = token_logprobs_from_logits(logits, batch["labels"], ps, cfg.vocab_size)[0]
         cu = batch["cu_seqlens"].tolist()
-        for k in range(4):
+        if core is CoreAttention.SDPA:
+            from megatron_ace.model.attention import thd_buckets
+
+            calls = thd_buckets(tuple(cu))
+            assert sorted(c[0].shape[0] for c in calls if not isinstance(c[0], int)) == [3]
+        for k in range(len(shapes)):
             ids = torch.tensor([r.prompts[k] + r.responses[k]])
             with torch.no_grad():
                 ref = hf(ids).logits.float().log_softmax(-1)[0, :-1]
