@@ -86,33 +86,24 @@ def make_cases(lengths: list[int], heads: int, groups: int, head_dim: int):
                                       hidden_size_per_partition=heads * head_dim)
         return sdpa_core_attention_cls()._thd(owner, q, k, v, params)
 
-    def padded_masked(order_groups):
-        def run(q, k, v):
-            outs, where = [], []
-            for members in order_groups:
-                width = max(lengths[i] for i in members)
-                index = torch.zeros(len(members), width, dtype=torch.long)
-                real = torch.zeros(len(members), width, dtype=torch.bool)
-                for row, i in enumerate(members):
-                    index[row, :lengths[i]] = torch.arange(cu[i], cu[i + 1])
-                    real[row, :lengths[i]] = True
-                mask = (torch.ones(width, width, dtype=torch.bool).tril()[None, None]
-                        & real[:, None, None, :])
-                o = _sdpa_heads_first(q[index].permute(0, 2, 1, 3), k[index].permute(0, 2, 1, 3),
-                                      v[index].permute(0, 2, 1, 3), mask=mask, causal=False,
-                                      scale=scale)
-                outs.append(o.permute(0, 2, 1, 3)[real])
-                where.append(index[real])
-            out = q.new_zeros(total, heads, head_dim).index_copy(0, torch.cat(where),
-                                                                 torch.cat(outs))
-            return out.reshape(total, heads * head_dim)
-        return run
+    def padded_masked(q, k, v):  # every sequence padded to the row's longest, one call
+        width = max(lengths)
+        index = torch.zeros(len(lengths), width, dtype=torch.long)
+        real = torch.zeros(len(lengths), width, dtype=torch.bool)
+        for row, n in enumerate(lengths):
+            index[row, :n] = torch.arange(cu[row], cu[row + 1])
+            real[row, :n] = True
+        mask = torch.ones(width, width, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
+        o = _sdpa_heads_first(q[index].permute(0, 2, 1, 3), k[index].permute(0, 2, 1, 3),
+                              v[index].permute(0, 2, 1, 3), mask=mask, causal=False, scale=scale)
+        out = q.new_zeros(total, heads, head_dim).index_copy(0, index[real],
+                                                             o.permute(0, 2, 1, 3)[real])
+        return out.reshape(total, heads * head_dim)
 
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return total, {
         "packed_per_sequence": per_sequence,
         "packed_length_buckets": sdpa_core_attention,
-        "padded_masked": padded_masked([order]),
+        "padded_masked": padded_masked,
     }
 
 

@@ -15,7 +15,7 @@ Megatron-Core's packed-sequence (THD) layout:
   mask under a causal one: real queries never see the padding after them); a sequence without
   a similar one runs alone. The work stays close to sum(L_i^2) instead of T^2 for a dense
   block-diagonal mask over the whole row, in a few calls instead of one per sequence
-  (`bench/bench_thd_attention.py`: 0.63x the time of per-sequence calls on one 8K row on an
+  (`bench/bench_thd_attention.py`: 0.71x the time of per-sequence calls on one 8K row on an
   AVX2 CPU). Rotary embeddings were already applied per sequence (positions restart at 0) by
   Megatron-Core's attention layer.
 

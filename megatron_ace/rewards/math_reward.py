@@ -258,12 +258,13 @@ class _NotCached(Exception):
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_reference(reference: str, timeout: int | None) -> list:
-    """math-verify's parse of a reference answer; raises on a timeout or a parse error (neither
-    is cached). References repeat within a step (one per prompt, `group_size` samples each)."""
+def _parse_reference(gold_text: str, timeout: int | None) -> list:
+    """math-verify's parse of a reference answer (its `_reference_text`); raises on a timeout or
+    a parse error (neither is cached). References repeat within a step (one per prompt,
+    `group_size` samples each)."""
     from math_verify import parse
 
-    return parse("\\boxed{" + _reference_text(reference) + "}", parsing_timeout=timeout, raise_on_error=True)
+    return parse("\\boxed{" + gold_text + "}", parsing_timeout=timeout, raise_on_error=True)
 
 
 # An integer written the one canonical way (no sign on zero, no leading zeros, no separators).
@@ -287,7 +288,7 @@ def _verdict(reference: str, answer: str, config: MathRewardConfig) -> tuple[flo
         return (1.0, MathStatus.CORRECT, "") if gold_text == answer else (0.0, MathStatus.WRONG, "")
     timeout = config.verify_timeout_s or None
     try:
-        gold = _parse_reference(reference, timeout)
+        gold = _parse_reference(gold_text, timeout)
     except TimeoutException:
         raise _NotCached((0.0, MathStatus.TIMEOUT, "reference parse timeout")) from None
     except Exception as exc:  # noqa: BLE001

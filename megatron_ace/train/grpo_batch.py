@@ -187,33 +187,15 @@ def micro_batch_length(rollouts: Rollouts, rows: Sequence[int], mode: BatchMode,
 # ----------------------------------------------------------------------------- building
 
 
-def _sequence_tensors(rollouts: Rollouts, i: int, in_loss: bool) -> dict[str, torch.Tensor]:
-    """1-D tensors over the L - 1 positions of sequence i."""
-    prompt, response = rollouts.prompts[i], rollouts.responses[i]
-    ids = torch.tensor(list(prompt) + list(response), dtype=torch.long)
-    n, first = len(ids) - 1, len(prompt) - 1
-    response_mask = torch.zeros(n)
-    response_mask[first:] = 1.0
-    engine = torch.zeros(n)
-    engine[first:] = torch.tensor(rollouts.engine_logp[i], dtype=torch.float32)
-    return {
-        "tokens": ids[:-1], "labels": ids[1:], "position_ids": torch.arange(n),
-        "response_mask": response_mask,
-        "loss_mask": response_mask * float(in_loss and bool(rollouts.loss_on_B[i])),
-        "adv": response_mask * float(rollouts.adv_B[i]),
-        "engine_logp": torch.nan_to_num(engine, nan=0.0),
-        "parity_mask": response_mask * torch.isfinite(engine).float(),
-    }
-
-
 _FIELDS = ("tokens", "labels", "position_ids", "response_mask", "loss_mask", "adv",
            "engine_logp", "parity_mask")
 
 
 def _flat_sequences(rollouts: Rollouts, rows: Sequence[int], in_loss: bool
                     ) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """`_sequence_tensors` of `rows` back to back, built from flat lists with one tensor per
-    field (a packed step holds hundreds of sequences), and the sequences' lengths."""
+    """1-D tensors over the L - 1 positions of each sequence of `rows`, back to back, built from
+    flat lists with one tensor per field (a packed step holds hundreds of sequences), and the
+    sequences' lengths."""
     tokens: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
@@ -288,8 +270,7 @@ def build_padded(rollouts: Rollouts, rows: Sequence[int], *, width: int, num_row
     padding only. Same keys as `build_packed`, without cu_seqlens; causal attention."""
     out_rows = []
     for i in rows:
-        seq = _sequence_tensors(rollouts, i, in_loss)
-        n = int(seq["tokens"].numel())
+        seq, (n,) = _flat_sequences(rollouts, [i], in_loss)
         if n > width:
             raise ValueError(f"sequence {i} needs {n} positions > width {width}")
         pad = _padding(width - n, pad_id)
