@@ -189,6 +189,52 @@ def test_items_behind_a_killed_or_crashed_item_are_scored_exactly_once(tmp_path)
     assert sorted(scored) == sorted(items)  # none lost, none scored twice
 
 
+def test_item_sent_to_a_worker_that_just_died_is_not_blamed_for_its_death(tmp_path):
+    # The worker holds [1, -1]: it replies to 1, starts -1 and exits. The reply's callback (on the
+    # dispatcher thread) holds the dispatcher until the worker is dead, so that the next item,
+    # -2, is sent to a dead worker. The death belongs to -1; -2 goes to the replacement worker
+    # and runs there: it hangs, is killed at its own timeout, and each item ran exactly once.
+    log_path = str(tmp_path / "scored.log")
+    errors = []
+    with RewardPool(_log_then_die_or_hang, 1, timeout_s=2.0, on_timeout=lambda item: "timeout",
+                    on_error=lambda item, msg: errors.append(msg) or "error",
+                    initializer=functools.partial(time.sleep, 1.0)) as pool:
+        pid = pool.worker_pids()[0]
+        futures = [pool.submit((log_path, x)) for x in (1, -1, -2)]  # all queued before it is ready
+        saw_it_dead = []
+
+        def hold_until_the_worker_is_dead(_future):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    saw_it_dead.append(True)
+                    return
+                time.sleep(0.01)
+
+        futures[0].add_done_callback(hold_until_the_worker_is_dead)
+        out = [f.result() for f in futures]
+        assert saw_it_dead, "the worker did not exit after item -1"
+        assert pool.num_killed == 1
+    assert out == [1, "error", "timeout"]
+    assert len(errors) == 1 and "exited with code 3" in errors[0]
+    assert sorted(int(line) for line in open(log_path).read().split()) == [-2, -1, 1]
+
+
+def test_unpicklable_item_fails_alone():
+    import threading
+
+    with RewardPool(_square, 1, timeout_s=30) as pool:
+        bad = pool.submit(threading.Lock())
+        with pytest.raises(WorkerError, match="could not be sent to a worker"):
+            bad.result()
+        assert pool.map([2, 3]) == [4, 9]
+        batch = pool.submit_many([4, threading.Lock()])
+        for future in batch:
+            with pytest.raises(WorkerError, match="could not be sent"):
+                future.result()
+        assert pool.submit(5).result() == 25 and pool.num_killed == 0
+
+
 def test_submit_many_is_one_round_trip_to_one_worker_with_results_in_order():
     with RewardPool(_pid, 2, timeout_s=30) as pool:
         pool.map([0, 0])  # both workers ready

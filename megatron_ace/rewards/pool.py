@@ -46,6 +46,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from multiprocessing.reduction import ForkingPickler
+
 from megatron_ace.utils.logging import get_logger
 
 ItemT = TypeVar("ItemT")
@@ -95,6 +97,8 @@ class _Worker:
     deadline: float = float("inf")
     """When the first of `tasks` runs out of time (its clock starts when the worker starts it)."""
     spawned_at: float = field(default_factory=time.monotonic)
+    unreachable: bool = False
+    """A send to it failed: it is dead, and its end of file is yet to be read."""
 
 
 def _worker_main(
@@ -369,20 +373,32 @@ class RewardPool(Generic[ItemT, ResultT]):
             for worker in list(self._workers):
                 if worker not in self._workers or worker.state is _State.STARTING:
                     continue
-                if len(worker.tasks) >= _ITEMS_PER_WORKER:
+                if len(worker.tasks) >= _ITEMS_PER_WORKER or worker.unreachable:
                     continue
                 task = self._next_task()
                 if task is None:
                     return
+                try:
+                    message = ForkingPickler.dumps(task.message())
+                except Exception as exc:  # noqa: BLE001 - an unpicklable item fails alone
+                    for item, future in zip(task.items, task.futures):
+                        self._resolve_item_error(
+                            item, future, f"item could not be sent to a worker: {type(exc).__name__}: {exc}")
+                    continue
+                try:
+                    worker.conn.send_bytes(message)
+                except OSError:
+                    # The worker died (its current item killed it) between the dispatcher's
+                    # last look and this send. The item never reached it: it goes back in
+                    # front of the queue, and the worker's end of file, read next, blames the
+                    # item it was scoring.
+                    self._requeued.appendleft(task)
+                    worker.unreachable = True
+                    continue
                 if not worker.tasks:  # it starts this item now
                     worker.deadline = time.monotonic() + self._timeout_s
                 worker.state = _State.BUSY
                 worker.tasks.append(task)
-                try:
-                    worker.conn.send(task.message())
-                except (OSError, ValueError) as exc:
-                    self._replace(worker, reason=f"could not send the item to the worker: {exc}",
-                                  failed=task)
 
     def _next_task(self) -> _Task | None:
         if self._requeued:
@@ -446,15 +462,13 @@ class RewardPool(Generic[ItemT, ResultT]):
                 )
                 self._replace(worker, reason=None)
 
-    def _replace(self, worker: _Worker, *, reason: str | None, failed: _Task | None = None) -> None:
-        """Kill `worker`, resolve the item it was scoring (or `failed`) as a timeout (`reason`
-        None) or an error, start a new worker, and put the worker's other items back in front
-        of the queue."""
-        tasks = list(worker.tasks)
-        task = failed if failed is not None else (tasks[0] if tasks else None)
+    def _replace(self, worker: _Worker, *, reason: str | None) -> None:
+        """Kill `worker`, resolve the item it was scoring as a timeout (`reason` None) or an
+        error, start a new worker, and put the worker's other items back in front of the queue."""
+        task, *waiting = worker.tasks or [None]
         self._stop_worker(worker, kill=True)
         self._workers[self._workers.index(worker)] = self._spawn()
-        self._requeued.extendleft(reversed([t for t in tasks if t is not task]))
+        self._requeued.extendleft(reversed(waiting))
         if task is not None:
             if reason is None:
                 self._resolve_timeout(task)
