@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         console.error(f"ace: unknown command {name!r}\n\n{_usage()}")
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    result = module.main(rest)
+    try:
+        result = module.main(rest)
+    except console.UsageError as exc:
+        console.error(f"ace {name}: error: {exc}")
+        return 2
     return int(result or 0)
 
 

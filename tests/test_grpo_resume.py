@@ -7,8 +7,8 @@ Qwen2: once straight through, once killed after steps 5 (mid-stage: replays from
 7 (first step of the code stage; the newest checkpoint is then damaged, so the resume falls
 back to the previous one and replays across a stage boundary and the optimizer reset),
 8 (mid code stage with prompts removed) and 9 (the code stage's last step: resumes from a
-finished stage into the next). The default run kills after steps 5 and 7 only; all four kills
-run with the slow checks.
+finished stage into the next). The default run kills after step 7 only (its resume from step 4
+is mid-stage, as kill 5's is); all four kills run with the slow checks.
 Each restart is the very same command. Tolerance: exact equality of every non-timing metric:
 on one CPU in fp32 with fixed thread counts the computation is deterministic, so any
 difference is a resume bug, not noise.
@@ -103,8 +103,8 @@ def _adam_steps(ckpt):
 
 @pytest.mark.vllm
 @pytest.mark.numerics
-@pytest.mark.parametrize("kills", [KILLS[:2], pytest.param(KILLS, marks=pytest.mark.slow)],
-                         ids=["kills2", "kills4"])
+@pytest.mark.parametrize("kills", [(7,), pytest.param(KILLS, marks=pytest.mark.slow)],
+                         ids=["kill7", "kills4"])
 def test_killed_curriculum_resumes_step_for_step(tiny_policy, tmp_path, kills):
     _, (hf_dir, other_hf), prompts = tiny_policy
     straight_out, killed_out = tmp_path / "straight", tmp_path / "killed"
@@ -125,7 +125,8 @@ def test_killed_curriculum_resumes_step_for_step(tiny_policy, tmp_path, kills):
                 assert proc.returncode == -9, proc.stderr[-4000:]
             else:
                 assert proc.returncode == 0, proc.stderr[-4000:]
-            if attempt == 1:  # killed after step 7: damage the newest checkpoint (step 6) ...
+            if attempt < len(kills) and kills[attempt] == 7:
+                # Killed after step 7: damage the newest checkpoint (step 6) ...
                 ckpts = sorted((killed_out / "checkpoints").glob("step_*"))
                 assert [c.name for c in ckpts] == ["step_00000004", "step_00000006"]
                 shard = next(ckpts[-1].glob("*.distcp"))

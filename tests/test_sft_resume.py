@@ -4,7 +4,8 @@ Both runs are `ace sft --recipe sft-tiny` subprocesses on the CPU in float32 wit
 The interrupted run is killed as soon as its metrics show a step past the first checkpoint,
 so the resumed run must restore weights, AdamW moments, the lr schedule, the data position
 and the RNGs, and replay the steps after the checkpoint. Every step's loss, lr and grad norm
-must be bit-identical to the uninterrupted run.
+must be bit-identical to the uninterrupted run. Then `checkpoint.resume=never` on that directory
+is refused before any set-up, by SFT, GRPO and a curriculum alike, and nothing in it changes.
 """
 
 from __future__ import annotations
@@ -110,13 +111,29 @@ def test_sigkill_and_resume_reproduces_losses_exactly(tmp_path):
     final = [step for step, _ in list_checkpoints(broken / "checkpoints")]
     assert final[-1] == NUM_STEPS and len(final) <= 2
 
+    # checkpoint.resume=never on a directory with checkpoints: refused before any set-up, and
+    # nothing is touched (SFT from the command line, GRPO and a curriculum in this process).
+    before = sorted(p.name for p in (broken / "checkpoints").iterdir())
+    again = subprocess.run(_cmd(broken) + ["--resume", "never"], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "checkpoint.resume=never" in again.stderr, again.stderr[-2000:]
+    _assert_refused_by_grpo_and_curriculum(broken)
+    assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == before
+    assert sorted(_metrics(broken)) == list(range(1, NUM_STEPS + 1))
 
-def test_resume_never_refuses_to_overwrite(tmp_path):
-    env = _env(tmp_path / "cache")
-    out = tmp_path / "run"
-    cmd = _cmd(out)
-    cmd[cmd.index(f"schedule.max_steps={NUM_STEPS}")] = "schedule.max_steps=2"
-    _run_ok(cmd, env)
-    again = subprocess.run(cmd + ["--resume", "never"], env=env, cwd=REPO, capture_output=True,
-                           text=True, timeout=600)
-    assert again.returncode != 0 and "checkpoint.resume=never" in again.stderr
+
+def _assert_refused_by_grpo_and_curriculum(out: Path) -> None:
+    from megatron_ace.train.config import ResumeMode
+    from megatron_ace.train.curriculum import run_curriculum
+    from megatron_ace.train.curriculum_config import curriculum_recipe
+    from megatron_ace.train.grpo import run_grpo
+    from megatron_ace.train.grpo_config import recipe
+
+    grpo = recipe("grpo-tiny")
+    grpo.checkpoint.resume = ResumeMode.NEVER
+    with pytest.raises(ValueError, match="holds checkpoints but checkpoint.resume=never"):
+        run_grpo(grpo, out)
+    curriculum = curriculum_recipe("tiny-curriculum")
+    curriculum.base.checkpoint.resume = ResumeMode.NEVER
+    with pytest.raises(ValueError, match="holds checkpoints but checkpoint.resume=never"):
+        run_curriculum(curriculum, out)

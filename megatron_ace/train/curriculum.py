@@ -65,6 +65,7 @@ from megatron_ace.train.state import (
     finish_saves,
     list_checkpoints,
     load_training_state,
+    refuse_to_overwrite,
     save_training_state,
 )
 from megatron_ace.utils.logging import get_logger
@@ -93,8 +94,9 @@ class CurriculumRunner:
         self.cfg, self.out = cfg, out
         self.stage_cfgs = [stage_grpo_config(cfg.base, s) for s in cfg.stages]
         self.fingerprint = fingerprint_fields(to_dict(cfg), self._fingerprint_files())
+        refuse_to_overwrite(out / "checkpoints", cfg.base.checkpoint.resume)
         found = list_checkpoints(out / "checkpoints")
-        if found and cfg.base.checkpoint.resume.value != "never":  # before the costly set-up
+        if found:  # before the costly set-up
             self._check_fingerprint(found[-1][1])
         self.run = GRPORun(self.stage_cfgs[0], out,
                            max_response_tokens=max(s.max_response_tokens for s in cfg.stages),

@@ -49,6 +49,7 @@ from megatron_ace.train.state import (
     finish_saves,
     latest_checkpoint,
     load_training_state,
+    refuse_to_overwrite,
     save_training_state,
 )
 from megatron_ace.train.grpo_update import UpdateSettings, train_on_rollouts
@@ -361,6 +362,7 @@ class GRPORun:
 
 def run_grpo(cfg: GRPOConfig, out: Path) -> dict[str, Any]:
     """Run `cfg.steps` GRPO steps into `out`; returns the summary (also on disk)."""
+    refuse_to_overwrite(out / "checkpoints", cfg.checkpoint.resume)
     out.mkdir(parents=True, exist_ok=True)
     run = GRPORun(cfg, out)
     try:

@@ -249,11 +249,8 @@ def _maybe_resume(cfg: SFTConfig, ckpt_root: Path, trainer: Trainer, batcher: An
     from megatron_ace.train.state import data_state_for_dp, latest_checkpoint, load_training_state
 
     latest = latest_checkpoint(ckpt_root)
-    if latest is None:
+    if latest is None:  # resume=never with checkpoints was refused before the set-up
         return 0
-    if cfg.checkpoint.resume is ResumeMode.NEVER:
-        raise ValueError(f"{ckpt_root} holds checkpoints but checkpoint.resume=never; "
-                         "choose a new --out or resume")
     info = load_training_state(latest, model_chunks=trainer.opt.model_chunks, opt=trainer.opt,
                                sched=trainer.sched, ps=trainer.ps, seed=cfg.schedule.seed)
     batcher.load_state_dict(data_state_for_dp(info.data_state, trainer.ps.dp_size))
@@ -282,9 +279,10 @@ def run_sft(cfg: SFTConfig, out: Path) -> dict[str, Any]:
     """Train per `cfg` into `out`; returns a summary (final step, last loss, HF dir)."""
     from megatron_ace.model.parallel import destroy_parallel, init_parallel
     from megatron_ace.train.metrics import MetricsLogger
-    from megatron_ace.train.state import finish_saves
+    from megatron_ace.train.state import finish_saves, refuse_to_overwrite
     from megatron_ace.train.step import ModelOutput, masked_vocab_sft_loss, train_step
 
+    refuse_to_overwrite(out / "checkpoints", cfg.checkpoint.resume)
     ps = init_parallel(cfg.parallel, seed=cfg.schedule.seed)
     try:
         prepare_inputs(cfg, out, ps)

@@ -48,6 +48,7 @@ import torch.distributed as dist
 from megatron_ace.checkpoint import atomic, dist_io
 from megatron_ace.checkpoint.dist_io import UnreadableCheckpoint
 from megatron_ace.train.optim import LRSchedule, TrainOptimizer
+from megatron_ace.utils.console import UsageError
 from megatron_ace.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -98,6 +99,14 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def refuse_to_overwrite(root: str | Path, resume: Any) -> None:
+    """`checkpoint.resume=never` where `root` already holds checkpoints: a UsageError, raised
+    before any set-up, so that a fresh run never overwrites or prunes an earlier one's."""
+    if getattr(resume, "value", resume) == "never" and list_checkpoints(root):
+        raise UsageError(f"{root} holds checkpoints but checkpoint.resume=never; choose a new "
+                         f"--out, or resume (checkpoint.resume=auto)")
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

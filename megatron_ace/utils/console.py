@@ -19,3 +19,8 @@ def result(text: str) -> None:
 def error(text: str) -> None:
     """Write a command-line error to stderr."""
     sys.stderr.write(text if text.endswith("\n") else text + "\n")
+
+
+class UsageError(ValueError):
+    """A run refused for how it was asked for (not a failure mid-run): the `ace` command prints
+    the message alone, without a traceback, and exits with status 2, as for a bad option."""

@@ -1,6 +1,7 @@
-"""torchrun worker: Megatron-Core Qwen2 at a given TP/PP vs HF Qwen2ForCausalLM on the same weights.
+"""Megatron-Core Qwen2 at a given TP/PP vs HF Qwen2ForCausalLM on the same weights.
 
-Writes {max_logp_diff, max_entropy_diff, roundtrip_ok} to the output JSON from global rank 0.
+As a torchrun worker it writes {max_logp_diff, max_entropy_diff, roundtrip_ok, logp_std} to the
+output JSON from global rank 0; `compare` gives the same figures in the calling process (TP1 PP1).
 """
 
 import json
@@ -17,8 +18,13 @@ from megatron_ace.model.parallel import ParallelConfig, destroy_parallel, init_p
 from megatron_ace.model.weights import iter_hf_tensors, load_hf_into_model
 
 
-def main() -> None:
-    tp, pp, name, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+def compare(tp: int, pp: int, name: str) -> dict | None:
+    """The figures on global rank 0 (None on the others)."""
+    with torch.random.fork_rng():
+        return _compare(tp, pp, name)
+
+
+def _compare(tp: int, pp: int, name: str) -> dict | None:
     cfg = preset(name)
     torch.manual_seed(0)
     hf = Qwen2ForCausalLM(HFConfig(**cfg.to_hf_config(), attn_implementation="eager"))
@@ -37,6 +43,7 @@ def main() -> None:
     ref = torch.gather(logp_all, -1, tokens[:, 1:, None]).squeeze(-1)
     ref_entropy = -(logp_all.exp() * logp_all).sum(-1)
     exported = dict(iter_hf_tensors(model, cfg, ps))
+    result = None
     if ps.rank == 0:
         expected = {k for k in sd if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
         roundtrip = set(exported) == expected and all(torch.equal(exported[k], sd[k])
@@ -47,9 +54,16 @@ def main() -> None:
             "roundtrip_ok": roundtrip,
             "logp_std": ref.std().item(),
         }
+    destroy_parallel()
+    return result
+
+
+def main() -> None:
+    tp, pp, name, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    result = compare(tp, pp, name)
+    if result is not None:
         with open(out, "w") as f:
             json.dump(result, f)
-    destroy_parallel()
 
 
 if __name__ == "__main__":
