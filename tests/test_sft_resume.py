@@ -116,7 +116,9 @@ def test_sigkill_and_resume_reproduces_losses_exactly(tmp_path):
     before = sorted(p.name for p in (broken / "checkpoints").iterdir())
     again = subprocess.run(_cmd(broken) + ["--resume", "never"], env=env, cwd=REPO,
                            capture_output=True, text=True, timeout=600)
-    assert again.returncode != 0 and "checkpoint.resume=never" in again.stderr, again.stderr[-2000:]
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert "ace sft: error:" in again.stderr and "checkpoint.resume=never" in again.stderr
+    assert "Traceback" not in again.stderr
     _assert_refused_by_grpo_and_curriculum(broken)
     assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == before
     assert sorted(_metrics(broken)) == list(range(1, NUM_STEPS + 1))
